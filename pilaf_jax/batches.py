@@ -1,0 +1,96 @@
+"""The pytrees that flow between sampling, labelling and learning.
+
+Prompts are left-padded to a fixed length P, responses right-padded to R: shapes stay static and every
+row of a batch writes the same KV-cache slot at the same decode step.
+"""
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+
+# Which distribution produced a response (PairBatch.source).
+POLICY, PI_PLUS, PI_MINUS, REFERENCE = 0, 1, 2, 3
+SOURCE_NAMES = {POLICY: 'policy', PI_PLUS: 'pi_plus', PI_MINUS: 'pi_minus', REFERENCE: 'reference'}
+
+
+@flax.struct.dataclass
+class PromptBatch:
+  tokens: jax.Array  # [B, P] int32, left-padded.
+  mask: jax.Array  # [B, P] bool.
+
+  @property
+  def size(self) -> int:
+    return self.tokens.shape[0]
+
+  def repeat(self, n: int) -> 'PromptBatch':
+    """[B, P] -> [n * B, P], row i of copy j at j * B + i."""
+    return PromptBatch(jnp.tile(self.tokens, (n, 1)), jnp.tile(self.mask, (n, 1)))
+
+  def take(self, index: jax.Array) -> 'PromptBatch':
+    return PromptBatch(self.tokens[index], self.mask[index])
+
+
+@flax.struct.dataclass
+class SamplingCost:
+  """What producing a batch of pairs cost, counted from what actually ran.
+
+  A 'decode sequence' is one response decoded autoregressively by one model (a response mixed from
+  two models counts twice); 'tokens' count the forward token evaluations of each model (prompt
+  prefill included); 'scoring' is teacher-forced (parallel) evaluation; oracle_responses are the
+  responses shown to the labeller.
+  """
+  pairs: jax.Array
+  policy_decode_sequences: jax.Array
+  ref_decode_sequences: jax.Array
+  policy_decode_tokens: jax.Array
+  ref_decode_tokens: jax.Array
+  policy_scoring_tokens: jax.Array
+  ref_scoring_tokens: jax.Array
+  oracle_responses: jax.Array
+
+  @classmethod
+  def zero(cls) -> 'SamplingCost':
+    z = jnp.zeros((), jnp.int32)
+    return cls(*([z] * 8))
+
+  def __add__(self, other: 'SamplingCost') -> 'SamplingCost':
+    return jax.tree.map(lambda a, b: a + b, self, other)
+
+  def as_dict(self) -> dict:
+    return {f.name: int(getattr(self, f.name)) for f in self.__dataclass_fields__.values()}
+
+
+@flax.struct.dataclass
+class PairBatch:
+  """B prompts, two responses each, with per-token log-probs from the sampling pass.
+
+  responses, response_mask, policy_logprobs, ref_logprobs: [B, 2, R]. ref_logprobs are always filled
+  (from the decode loop when the reference ran there, else teacher-forced), so DPO never recomputes
+  them. policy_logprobs are filled for every response the policy decoded and are 0 for responses
+  decoded by the reference alone (the DPO step recomputes policy log-probs with gradients anyway).
+  source: [B, 2] int, one of POLICY, PI_PLUS, PI_MINUS, REFERENCE.
+  """
+  prompts: PromptBatch
+  responses: jax.Array
+  response_mask: jax.Array
+  policy_logprobs: jax.Array
+  ref_logprobs: jax.Array
+  source: jax.Array
+  cost: SamplingCost
+
+  @property
+  def size(self) -> int:
+    return self.responses.shape[0]
+
+
+@flax.struct.dataclass
+class PreferenceBatch:
+  """Labelled pairs: a_preferred[i] is True when responses[i, 0] beat responses[i, 1]."""
+  pairs: PairBatch
+  a_preferred: jax.Array  # [B] bool.
+
+  def chosen_rejected(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Splits a [B, 2, ...] field into (chosen, rejected), each [B, ...]."""
+    first = self.a_preferred.reshape((-1,) + (1,) * (x.ndim - 2))
+    return jnp.where(first, x[:, 0], x[:, 1]), jnp.where(first, x[:, 1], x[:, 0])

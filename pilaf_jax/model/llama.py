@@ -1,0 +1,227 @@
+"""A Llama-family decoder (RMSNorm, rotary, SwiGLU, grouped-query attention) with a KV cache.
+
+Parameter names follow Hugging Face's Llama / Qwen2 / Mistral modules so that loading a checkpoint is
+a mechanical mapping: `layers_3/self_attn/q_proj/kernel` is `model.layers.3.self_attn.q_proj.weight.T`,
+`embed_tokens/embedding` is `model.embed_tokens.weight`, RMSNorm `scale` is `weight`. Rotary is the
+half-split (GPT-NeoX / HF) convention.
+
+The cache is an explicit pytree argument, not a mutable collection, so decoding stays a pure function
+of (params, cache, tokens).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture hyper-parameters (a subset of HF's LlamaConfig, same meanings)."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: Optional[int] = None  # None or 0: hidden_size // num_heads.
+  rope_theta: float = 10_000.0
+  rms_norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  attention_bias: bool = False  # Qwen2 uses q/k/v biases.
+  dtype: str = 'float32'  # Activations.
+  param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'model.num_heads={self.num_heads} must be a multiple of '
+                       f'model.num_kv_heads={self.num_kv_heads}.')
+    if not self.head_dim and self.hidden_size % self.num_heads:
+      raise ValueError(f'model.hidden_size={self.hidden_size} must be divisible by '
+                       f'model.num_heads={self.num_heads} (or set model.head_dim).')
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_config(cls, cfg) -> 'LlamaConfig':
+    """Builds from a ConfigDict (or dict) holding exactly this dataclass's fields."""
+    cfg = dict(cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+      raise ValueError(f'Unknown model fields {unknown}; allowed: {sorted(names)}.')
+    return cls(**cfg)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values of every layer for a fixed number of slots.
+
+  k, v: one [batch, slots, kv_heads, head_dim] array per layer (tuples, so each layer updates its own
+  buffer in place). valid: [batch, slots], True where a slot holds a
+  real (non-padding) token. index: the next slot to write (shared by the batch; prompts are
+  left-padded so that every row writes the same slot at the same step).
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: LlamaConfig, batch: int, slots: int) -> 'KVCache':
+    shape = (batch, slots, cfg.num_kv_heads, cfg.resolved_head_dim)
+    zeros = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
+    return cls(k=zeros, v=zeros,
+               valid=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: str
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Half-split rotary embedding. x: [B, T, H, D], positions: [B, T]."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _dense(features: int, name: str, cfg: LlamaConfig, bias: bool = False) -> nn.Dense:
+  return nn.Dense(features, use_bias=bias, name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  kernel_init=nn.initializers.normal(0.02))
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, keys_valid, layer_kv, cache_index):
+    """x: [B, T, d]. layer_kv: (k, v) slots [B, S, Hkv, D] or None (no cache: keys are x itself).
+
+    keys_valid: [B, S] (or [B, T] without cache). Queries at slot cache_index + t attend to valid
+    slots <= their own. Returns (out, new_layer_kv).
+    """
+    cfg = self.cfg
+    b, t, _ = x.shape
+    hd = cfg.resolved_head_dim
+    q = _dense(cfg.num_heads * hd, 'q_proj', cfg, cfg.attention_bias)(x).reshape(b, t, cfg.num_heads, hd)
+    k = _dense(cfg.num_kv_heads * hd, 'k_proj', cfg, cfg.attention_bias)(x).reshape(b, t, cfg.num_kv_heads, hd)
+    v = _dense(cfg.num_kv_heads * hd, 'v_proj', cfg, cfg.attention_bias)(x).reshape(b, t, cfg.num_kv_heads, hd)
+    q = apply_rotary(q, positions, cfg.rope_theta)
+    k = apply_rotary(k, positions, cfg.rope_theta)
+
+    if layer_kv is None:
+      keys, values, new_kv = k, v, None
+    else:
+      keys = jax.lax.dynamic_update_slice(layer_kv[0], k.astype(layer_kv[0].dtype), (0, cache_index, 0, 0))
+      values = jax.lax.dynamic_update_slice(layer_kv[1], v.astype(layer_kv[1].dtype), (0, cache_index, 0, 0))
+      new_kv = (keys, values)
+
+    s = keys.shape[1]
+    query_slot = cache_index + jnp.arange(t)
+    causal = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
+    mask = causal[None, :, :] & keys_valid[:, None, :]  # [B, T, S]
+
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
+    scores = jnp.einsum('btkgd,bskd->bkgts', q, keys).astype(jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum('bkgts,bskd->btkgd', probs, values).reshape(b, t, cfg.num_heads * hd)
+    return _dense(cfg.hidden_size, 'o_proj', cfg)(out), new_kv
+
+
+class MLP(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    gate = _dense(cfg.intermediate_size, 'gate_proj', cfg)(x)
+    up = _dense(cfg.intermediate_size, 'up_proj', cfg)(x)
+    return _dense(cfg.hidden_size, 'down_proj', cfg)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, keys_valid, layer_kv, cache_index):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+    h, new_kv = Attention(cfg, name='self_attn')(norm('input_layernorm')(x), positions, keys_valid,
+                                                 layer_kv, cache_index)
+    x = x + h
+    x = x + MLP(cfg, name='mlp')(norm('post_attention_layernorm')(x))
+    return x, new_kv
+
+
+class Llama(nn.Module):
+  """Decoder-only LM. Call with a cache to decode, without one to score whole sequences."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array,
+               cache: Optional[KVCache] = None) -> tuple[jax.Array, Optional[KVCache]]:
+    """tokens, positions, token_valid: [B, T]. Returns (logits [B, T, V] float32, new cache).
+
+    Without a cache, attention is causal over these T tokens, ignoring invalid (padding) ones. With a
+    cache, the T tokens are written into slots [cache.index, cache.index + T) and attend to every
+    valid earlier slot.
+    """
+    cfg = self.cfg
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name='embed_tokens', dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02))
+    x = embed(tokens)
+    if cache is None:
+      keys_valid, cache_index = token_valid, 0
+    else:
+      keys_valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
+      cache_index = cache.index
+    new_k, new_v = [], []
+    for i in range(cfg.num_layers):
+      layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, kv = DecoderLayer(cfg, name=f'layers_{i}')(x, positions, keys_valid, layer_kv, cache_index)
+      if cache is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='norm')(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = _dense(cfg.vocab_size, 'lm_head', cfg)(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=keys_valid,
+                          index=cache.index + tokens.shape[1])
+    return logits.astype(jnp.float32), new_cache
+
+
+def init_params(cfg: LlamaConfig, rng: jax.Array) -> dict:
+  """Random parameters (float32 by default), as the `params` collection."""
+  tokens = jnp.zeros((1, 2), jnp.int32)
+  return Llama(cfg).init(rng, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens, bool))['params']
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,45 @@
+"""Teacher-forced log-probabilities of responses: the quantity DPO, KL and best-of-N all use."""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pilaf_jax.model.llama import Llama
+
+
+def masked_log_softmax(logits: jax.Array, allowed_tokens: Optional[jax.Array]) -> jax.Array:
+  """log_softmax over the tokens a response may contain (all of them when allowed_tokens is None).
+
+  The same restriction is applied when sampling and when scoring, so that sampler log-probs equal
+  teacher-forced log-probs.
+  """
+  if allowed_tokens is not None:
+    logits = jnp.where(allowed_tokens, logits, -jnp.inf)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def sequence_inputs(prompt_tokens, prompt_mask, response_tokens, response_mask):
+  """Concatenates left-padded prompts [B, P] with right-padded responses [B, R].
+
+  Returns (tokens, positions, valid), each [B, P + R]; positions count valid tokens only, which is
+  exactly what the cached decoder uses.
+  """
+  tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
+  valid = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(bool)
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+  return tokens, positions, valid
+
+
+def response_logprobs(model: Llama, params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                      response_tokens: jax.Array, response_mask: jax.Array,
+                      allowed_tokens: Optional[jax.Array] = None) -> jax.Array:
+  """Per-token log pi(y_t | x, y_<t) of every response token, [B, R]; 0 where response_mask is 0."""
+  tokens, positions, valid = sequence_inputs(prompt_tokens, prompt_mask, response_tokens, response_mask)
+  logits, _ = model.apply({'params': params}, tokens, positions, valid)
+  p = prompt_tokens.shape[1]
+  # The logits at position P - 1 + t predict response token t.
+  logprobs = masked_log_softmax(logits[:, p - 1:-1], allowed_tokens)
+  token_lp = jnp.take_along_axis(logprobs, response_tokens[..., None], axis=-1)[..., 0]
+  return jnp.where(response_mask, token_lp, 0.0)

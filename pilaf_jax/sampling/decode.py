@@ -1,0 +1,156 @@
+"""The two-model decode loop: policy and reference KV caches advanced together, mixed per token.
+
+Rows of a decode batch come in three contiguous groups (a static RowLayout):
+
+    [ policy only | mixed: both models, coef per row | reference only ]
+
+The policy runs on the first two groups and the reference on the last two, so a vanilla pair never
+pays for the reference and a hybrid pair pays for each model once. The loop is one jitted
+lax.while_loop: no host round-trip per token, static shapes, early exit once every row hit EOS.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from pilaf_jax.batches import PromptBatch
+from pilaf_jax.model.llama import KVCache, Llama
+from pilaf_jax.model.scoring import masked_log_softmax
+from pilaf_jax.sampling.mixing import filter_logits, mix_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+  policy_only: int = 0
+  mixed: int = 0
+  ref_only: int = 0
+
+  @property
+  def total(self) -> int:
+    return self.policy_only + self.mixed + self.ref_only
+
+  @property
+  def policy_rows(self) -> slice:
+    return slice(0, self.policy_only + self.mixed)
+
+  @property
+  def ref_rows(self) -> slice:
+    return slice(self.policy_only, self.total)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  max_new_tokens: int
+  eos_id: int
+  pad_id: int = 0
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+
+@flax.struct.dataclass
+class Rollout:
+  """Decoded responses, [N, R] each. EOS is included in mask; PAD follows it.
+
+  policy_logprobs / ref_logprobs: log-prob of each token under each model (temperature 1, no
+  filters: the models themselves), 0 for rows a model did not run on. sampling_logprobs: under the
+  distribution actually sampled from (after mixing and filters).
+  """
+  tokens: jax.Array
+  mask: jax.Array
+  policy_logprobs: jax.Array
+  ref_logprobs: jax.Array
+  sampling_logprobs: jax.Array
+  steps: jax.Array  # Decode steps run (< R when every row ended early).
+
+
+def _prefill(model: Llama, params, prompts: PromptBatch, positions, slots: int):
+  cache = KVCache.zeros(model.cfg, prompts.size, slots)
+  logits, cache = model.apply({'params': params}, prompts.tokens, positions, prompts.mask, cache)
+  return logits[:, -1], cache
+
+
+def _token_logprob(logprobs: jax.Array, tokens: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: PromptBatch,
+           mix_coef: jax.Array, rng: jax.Array, *, layout: RowLayout, settings: DecodeSettings,
+           allowed_tokens: Optional[jax.Array] = None) -> Rollout:
+  """Samples one response per prompt row. Pure: jit it with the modules, layout, settings static.
+
+  prompts: [N, P] with N == layout.total. mix_coef: [layout.mixed], the coef of mix_logits for each
+  mixed row (1 + beta: pi_plus, 1 - beta: pi_minus).
+  """
+  n, p = prompts.tokens.shape
+  if n != layout.total:
+    raise ValueError(f'{n} prompt rows for a layout of {layout.total}.')
+  r = settings.max_new_tokens
+  slots = p + r
+  positions = jnp.maximum(jnp.cumsum(prompts.mask, axis=1) - 1, 0)
+  prompt_len = prompts.mask.sum(axis=1).astype(jnp.int32)
+  pol_rows, ref_rows = layout.policy_rows, layout.ref_rows
+  run_policy, run_ref = layout.policy_only + layout.mixed > 0, layout.mixed + layout.ref_only > 0
+
+  pol_logits = pol_cache = ref_logits = ref_cache = None
+  if run_policy:
+    pol_logits, pol_cache = _prefill(policy, policy_params, prompts.take(pol_rows), positions[pol_rows], slots)
+  if run_ref:
+    ref_logits, ref_cache = _prefill(ref, ref_params, prompts.take(ref_rows), positions[ref_rows], slots)
+
+  def sampling_logprobs(lp_pol, lp_ref):
+    parts = []
+    if layout.policy_only:
+      parts.append(lp_pol[:layout.policy_only])
+    if layout.mixed:
+      parts.append(mix_logits(lp_pol[layout.policy_only:], lp_ref[:layout.mixed], mix_coef))
+    if layout.ref_only:
+      parts.append(lp_ref[layout.mixed:])
+    return jnp.concatenate(parts, axis=0)
+
+  def body(carry):
+    t, done, pol_logits, pol_cache, ref_logits, ref_cache, out = carry
+    lp_pol = masked_log_softmax(pol_logits, allowed_tokens) if run_policy else None
+    lp_ref = masked_log_softmax(ref_logits, allowed_tokens) if run_ref else None
+    logits = filter_logits(sampling_logprobs(lp_pol, lp_ref), settings.temperature, settings.top_k,
+                           settings.top_p)
+    token = jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1).astype(jnp.int32)
+    token = jnp.where(done, settings.pad_id, token)
+    valid = ~done
+    new = dict(tokens=token, mask=valid,
+               sampling_logprobs=_token_logprob(jax.nn.log_softmax(logits, axis=-1), token),
+               policy_logprobs=jnp.zeros((n,), jnp.float32), ref_logprobs=jnp.zeros((n,), jnp.float32))
+    if run_policy:
+      new['policy_logprobs'] = new['policy_logprobs'].at[pol_rows].set(_token_logprob(lp_pol, token[pol_rows]))
+    if run_ref:
+      new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(_token_logprob(lp_ref, token[ref_rows]))
+    out = {k: out[k].at[:, t].set(jnp.where(valid, new[k], out[k][:, t])) for k in out}
+    done = done | (token == settings.eos_id)
+
+    # Feed the sampled token: it sits at slot P + t and position prompt_len + t.
+    step_pos = (prompt_len + t)[:, None]
+    if run_policy:
+      pol_logits, pol_cache = policy.apply({'params': policy_params}, token[pol_rows, None],
+                                           step_pos[pol_rows], valid[pol_rows, None], pol_cache)
+      pol_logits = pol_logits[:, -1]
+    if run_ref:
+      ref_logits, ref_cache = ref.apply({'params': ref_params}, token[ref_rows, None],
+                                        step_pos[ref_rows], valid[ref_rows, None], ref_cache)
+      ref_logits = ref_logits[:, -1]
+    return t + 1, done, pol_logits, pol_cache, ref_logits, ref_cache, out
+
+  def cond(carry):
+    t, done = carry[0], carry[1]
+    return (t < r) & ~jnp.all(done)
+
+  out = dict(tokens=jnp.full((n, r), settings.pad_id, jnp.int32), mask=jnp.zeros((n, r), bool),
+             policy_logprobs=jnp.zeros((n, r), jnp.float32), ref_logprobs=jnp.zeros((n, r), jnp.float32),
+             sampling_logprobs=jnp.zeros((n, r), jnp.float32))
+  carry = (jnp.zeros((), jnp.int32), jnp.zeros((n,), bool), pol_logits, pol_cache, ref_logits,
+           ref_cache, out)
+  t, _, _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
+  return Rollout(steps=t, **out)

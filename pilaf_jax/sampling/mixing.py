@@ -1,0 +1,45 @@
+"""Token-level mixing of two models and the sampling filters applied after it."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def mix_logits(policy_logits: jax.Array, ref_logits: jax.Array, coef) -> jax.Array:
+  """Unnormalised log-probs of softmax(coef * log_softmax(policy) + (1 - coef) * log_softmax(ref)).
+
+  Batched over leading axes; coef is a scalar or has the leading shape. coef = 1 + beta gives
+  pi_plus, 1 - beta pi_minus, 1 the policy and 0 the reference. Each model is normalised first, so
+  the mixture does not depend on either model's logit offset. A token impossible under either model
+  (-inf) stays impossible (pi_ref^-beta is undefined there).
+  """
+  lp_policy = jax.nn.log_softmax(policy_logits, axis=-1)
+  lp_ref = jax.nn.log_softmax(ref_logits, axis=-1)
+  coef = jnp.asarray(coef, lp_policy.dtype)
+  if coef.ndim:
+    coef = coef[..., None]
+  finite = jnp.isfinite(lp_policy) & jnp.isfinite(lp_ref)
+  mixed = coef * jnp.where(finite, lp_policy, 0.0) + (1 - coef) * jnp.where(finite, lp_ref, 0.0)
+  return jnp.where(finite, mixed, -jnp.inf)
+
+
+def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+  """Temperature, then top-k, then nucleus (top-p) filtering; removed tokens get -inf.
+
+  temperature == 1, top_k == 0 and top_p == 1 leave the logits unchanged (exact sampling).
+  """
+  if temperature != 1.0:
+    logits = logits / temperature
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits >= kth, logits, -jnp.inf)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass strictly before it is < top_p (the first token is always kept).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+  return logits
