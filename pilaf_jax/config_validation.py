@@ -1,0 +1,88 @@
+"""Checks a resolved config before any work starts, with messages that say what to change."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+LOOPS = ('online', 'iterative')
+# Fields that change how a run is executed or shown, not what it computes: they may differ when a
+# run is resumed. Everything else must match the workdir's saved config.
+EXECUTION_FIELDS = ('runtime', 'checkpoint', 'mesh', 'distributed')
+
+
+class ConfigError(ValueError):
+  """A user mistake in the config or command line; main prints it without a traceback."""
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the field and what is allowed."""
+  from pilaf_jax.labelling.oracles import ORACLES  # Registries fill on import.
+  from pilaf_jax.sampling.samplers import SAMPLERS
+  from pilaf_jax.tasks import TASKS
+
+  c = config
+  _require(c.loop in LOOPS, f'loop={c.loop!r} is unknown; allowed: {list(LOOPS)}.')
+  _require(c.beta > 0, f'beta={c.beta} must be > 0 (the paper uses 0.1).')
+  _require(c.task.name in TASKS, f'task.name={c.task.name!r} is unknown; allowed: {list(TASKS)}.')
+  _require(c.sampler.name in SAMPLERS,
+           f'sampler.name={c.sampler.name!r} is unknown; allowed: {sorted(SAMPLERS)}.')
+  first = c.iterative.first_iteration_sampler
+  _require(first == '' or first in SAMPLERS, f'iterative.first_iteration_sampler={first!r} is unknown; '
+           f"allowed: '' (use sampler.name) or one of {sorted(SAMPLERS)}.")
+  _require(c.oracle.name in ORACLES, f'oracle.name={c.oracle.name!r} is unknown; allowed: {sorted(ORACLES)}.')
+  _require(c.sampler.best_of_n >= 2, f'sampler.best_of_n={c.sampler.best_of_n} must be >= 2.')
+  _require(0.0 <= c.sampler.vanilla_fraction <= 1.0,
+           f'sampler.vanilla_fraction={c.sampler.vanilla_fraction} must lie in [0, 1].')
+  _require(c.sampler.temperature > 0, f'sampler.temperature={c.sampler.temperature} must be > 0.')
+  _require(c.sampler.top_k >= 0, f'sampler.top_k={c.sampler.top_k} must be >= 0 (0 = off).')
+  _require(0.0 < c.sampler.top_p <= 1.0, f'sampler.top_p={c.sampler.top_p} must lie in (0, 1].')
+  _require(c.task.prompt_len >= 2, f'task.prompt_len={c.task.prompt_len} must be >= 2 (BOS + a token).')
+  _require(c.task.response_len >= 1, f'task.response_len={c.task.response_len} must be >= 1.')
+  _require(c.task.vocab_size >= 4, f'task.vocab_size={c.task.vocab_size} must be >= 4 '
+           '(PAD, BOS, EOS and at least one content token).')
+  _require(c.model.vocab_size == c.task.vocab_size,
+           f'model.vocab_size={c.model.vocab_size} must equal task.vocab_size={c.task.vocab_size}.')
+  for name in ('dpo.batch_size', 'sft.batch_size', 'sft.steps', 'eval.batch_size', 'eval.num_prompts',
+               'eval.every_steps', 'online.steps', 'iterative.iterations',
+               'iterative.prompts_per_iteration', 'iterative.epochs', 'checkpoint.every_steps',
+               'checkpoint.max_to_keep'):
+    section, field = name.split('.')
+    value = c[section][field]
+    _require(isinstance(value, int) and value >= 1, f'{name}={value!r} must be an integer >= 1.')
+  _require(c.eval.num_prompts % c.eval.batch_size == 0,
+           f'eval.num_prompts={c.eval.num_prompts} must be divisible by eval.batch_size='
+           f'{c.eval.batch_size}.')
+  _require(c.iterative.prompts_per_iteration % c.dpo.batch_size == 0,
+           f'iterative.prompts_per_iteration={c.iterative.prompts_per_iteration} must be divisible by '
+           f'dpo.batch_size={c.dpo.batch_size}.')
+  _require(c.dpo.learning_rate > 0, f'dpo.learning_rate={c.dpo.learning_rate} must be > 0.')
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The fields that determine what a run computes, flattened to 'a.b' keys."""
+  flat: dict[str, Any] = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      name = f'{prefix}{key}'
+      if isinstance(value, (dict, ml_collections.ConfigDict)):
+        walk(name + '.', value)
+      else:
+        flat[name] = value
+
+  walk('', config.to_dict())
+  return {k: v for k, v in flat.items() if k.split('.')[0] not in EXECUTION_FIELDS}
+
+
+def differing_fields(saved: dict, current: dict) -> list[str]:
+  """'field: saved -> current' for every field that differs (JSON round-trip normalises types)."""
+  saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
+  return [f'{k}: {saved.get(k, "<absent>")!r} -> {current.get(k, "<absent>")!r}'
+          for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]

@@ -1,0 +1,1 @@
+"""Learning: supervised fine-tuning of the reference and the DPO update."""

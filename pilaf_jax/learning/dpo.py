@@ -1,0 +1,52 @@
+"""The DPO loss and update step (Rafailov et al. 2023)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pilaf_jax.batches import PreferenceBatch
+from pilaf_jax.learning.train_state import TrainState
+from pilaf_jax.model.llama import Llama
+from pilaf_jax.model.scoring import response_logprobs
+
+
+def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
+             ref_rejected: jax.Array, beta: float) -> tuple[jax.Array, dict]:
+  """Mean of -log sigmoid(beta * [(pc - rc) - (pr - rr)]) over sequence log-probs [B].
+
+  Returns (loss, metrics); the implicit rewards are beta * (policy - ref).
+  """
+  chosen_reward = beta * (policy_chosen - ref_chosen)
+  rejected_reward = beta * (policy_rejected - ref_rejected)
+  margin = chosen_reward - rejected_reward
+  loss = -jax.nn.log_sigmoid(margin).mean()
+  return loss, {'dpo_loss': loss, 'implicit_margin': margin.mean(),
+                'implicit_accuracy': (margin > 0).mean(), 'chosen_reward': chosen_reward.mean(),
+                'rejected_reward': rejected_reward.mean()}
+
+
+def dpo_step(state: TrainState, batch: PreferenceBatch, *, model: Llama, tx: optax.GradientTransformation,
+             beta: float, allowed_tokens: Optional[jax.Array] = None) -> tuple[TrainState, dict]:
+  """One optimiser step on a batch of labelled pairs. Reference log-probs come from the batch."""
+  pairs = batch.pairs
+  b, _, r = pairs.responses.shape
+  ref_chosen, ref_rejected = batch.chosen_rejected(pairs.ref_logprobs.sum(-1))
+
+  def loss_fn(params):
+    # Both responses of a pair in one forward pass: [B, 2, R] -> [2B, R].
+    prompts = pairs.prompts.repeat(2)
+    tokens = pairs.responses.transpose(1, 0, 2).reshape(2 * b, r)
+    mask = pairs.response_mask.transpose(1, 0, 2).reshape(2 * b, r)
+    lp = response_logprobs(model, params, prompts.tokens, prompts.mask, tokens, mask, allowed_tokens)
+    seq_lp = lp.sum(-1).reshape(2, b).T  # [B, 2]
+    policy_chosen, policy_rejected = batch.chosen_rejected(seq_lp)
+    return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  return TrainState(state.step + 1, params, opt_state), metrics

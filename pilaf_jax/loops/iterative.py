@@ -1,0 +1,118 @@
+"""Iterative DPO (Xiong et al. 2024): each iteration samples and labels a dataset with the current
+policy, then trains DPO on it for a few epochs with the reference fixed.
+
+Position in the loop: (iteration, epoch, minibatch), saved in every checkpoint's meta. Sampling an
+iteration's dataset needs no checkpoint of its own: every chunk is committed to the label store as it
+is labelled, and the policy is fixed during sampling, so a resumed run re-reads finished chunks and
+samples the rest from the same params.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pilaf_jax import checkpointing
+from pilaf_jax.batches import PreferenceBatch
+from pilaf_jax.config_validation import ConfigError
+from pilaf_jax.experiment import SHUFFLE_STREAM, Experiment
+from pilaf_jax.loops.common import Preemption, RunState, evaluation_row, progress
+from pilaf_jax.metrics_writer import MetricsWriter
+
+
+def _concat(batches: list[PreferenceBatch]) -> PreferenceBatch:
+  cost = batches[0].pairs.cost
+  for b in batches[1:]:
+    cost = cost + b.pairs.cost
+  data = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[b.replace(pairs=b.pairs.replace(cost=None))
+                                                          for b in batches])
+  return data.replace(pairs=data.pairs.replace(cost=cost))
+
+
+def _branch_point(exp: Experiment, run: RunState):
+  """iterative.init_checkpoint: (step, run state, meta) of another run's latest checkpoint."""
+  directory = exp.config.iterative.init_checkpoint
+  if not os.path.isdir(directory):
+    raise ConfigError(f'iterative.init_checkpoint={directory!r} is not a directory of checkpoints '
+                      '(e.g. <workdir of a vanilla run>/checkpoints).')
+  source = checkpointing.Checkpointer(directory, max_to_keep=1000, every_steps=1, every_seconds=1e9,
+                                      async_save=False)
+  restored = source.restore_latest(run)
+  source.close()
+  if restored is None or restored[2].get('loop') != 'iterative':
+    raise ConfigError(f'iterative.init_checkpoint={directory!r} holds no readable iterative-DPO checkpoint.')
+  return restored
+
+
+def run_iterative(exp: Experiment, log=print) -> list[dict]:
+  c = exp.config
+  it = c.iterative
+  ref_params = exp.reference_params(log)
+  run = RunState.create(exp.init_policy_state(ref_params))
+  restored = exp.checkpointer.restore_latest(run)
+  position = {'iteration': 0, 'epoch': 0, 'minibatch': 0}
+  step = 0
+  fresh = restored is None
+  if restored is None and it.init_checkpoint:
+    restored = _branch_point(exp, run)
+    log(f'Branching from {it.init_checkpoint} at iteration {restored[2]["iteration"]}, '
+        f'step {restored[0]}.')
+  if restored is not None:
+    step, run, meta = restored
+    position = {k: meta[k] for k in position}
+    if not fresh or not it.init_checkpoint:
+      log(f'Resuming iterative DPO at {position}, step {step}.')
+  writer = MetricsWriter(exp.workdir, resume_step=step if not fresh else -1)
+  rows = []
+
+  def evaluate(iteration: int):
+    row = evaluation_row(exp.evaluate, run.train.params, ref_params, run, step, iteration=iteration)
+    writer.write(row, step)
+    rows.append(row)
+
+  if fresh:
+    evaluate(position['iteration'])  # The starting policy, before any update of this run.
+  batch = c.dpo.batch_size
+  chunks = it.prompts_per_iteration // batch
+  steps_per_epoch = chunks
+  preemption = Preemption()
+  bar = progress(it.iterations * it.epochs * steps_per_epoch, step, c.runtime.progress_bar,
+                 'iterative DPO')
+  try:
+    for i in range(position['iteration'], it.iterations):
+      sampler = it.first_iteration_sampler if (i == 0 and it.first_iteration_sampler) else c.sampler.name
+      # Sampling and labelling (policy fixed). The prompt stream index is unique per (iteration, chunk).
+      data = [exp.labelled_batch(f'iteration{i:03d}/chunk{j:05d}', i * chunks + j, step, sampler,
+                                 run.train.params, ref_params, batch)[0] for j in range(chunks)]
+      data = _concat(data)
+      start_epoch = position['epoch'] if i == position['iteration'] else 0
+      for e in range(start_epoch, it.epochs):
+        order = jax.random.permutation(exp._key(SHUFFLE_STREAM, i * 1_000_003 + e), chunks * batch)
+        start_mb = position['minibatch'] if (i == position['iteration'] and e == start_epoch) else 0
+        for k in range(start_mb, steps_per_epoch):
+          minibatch = jax.tree.map(lambda x: x[order[k * batch:(k + 1) * batch]],
+                                   data.replace(pairs=data.pairs.replace(cost=None)))
+          run = run.replace(train=exp.train_step(run.train, minibatch)[0])
+          step += 1
+          bar.update()
+          last = e == it.epochs - 1 and k == steps_per_epoch - 1
+          if last:  # The iteration's data now counts as used.
+            run = run.replace(cost=run.cost + data.pairs.cost, labels_used=run.labels_used + chunks * batch)
+          if step % c.eval.every_steps == 0 or last:
+            evaluate(i + 1 if last else i)
+          if exp.checkpointer.due(step) or last or preemption.requested:
+            meta = ({'iteration': i + 1, 'epoch': 0, 'minibatch': 0} if last else
+                    {'iteration': i, 'epoch': e + (k + 1) // steps_per_epoch,
+                     'minibatch': (k + 1) % steps_per_epoch})
+            exp.checkpointer.save(step, run, {'loop': 'iterative', **meta})
+          if preemption.requested:
+            exp.checkpointer.wait()
+            log(f'SIGTERM: saved step {step}; run the same command again to resume.')
+            return rows
+  finally:
+    bar.close()
+    preemption.restore()
+    writer.close()
+  return rows

@@ -1,0 +1,59 @@
+"""Online DPO (Guo et al. 2024): at every step, sample pairs from the current policy, label, update."""
+from __future__ import annotations
+
+import jax
+
+from pilaf_jax.experiment import Experiment
+from pilaf_jax.loops.common import Preemption, RunState, evaluation_row, progress
+from pilaf_jax.metrics_writer import MetricsWriter
+
+
+def run_online(exp: Experiment, log=print) -> list[dict]:
+  """Runs (or resumes) the online loop; returns the evaluation rows of this run."""
+  c = exp.config
+  ref_params = exp.reference_params(log)
+  run = RunState.create(exp.init_policy_state(ref_params))
+  restored = exp.checkpointer.restore_latest(run)
+  start = 0
+  if restored is not None:
+    start, run, meta = restored
+    log(f'Resuming the online loop at step {start} from {exp.checkpointer.directory}.')
+  writer = MetricsWriter(exp.workdir, resume_step=start if restored else -1)
+  rows = []
+
+  def evaluate(step: int):
+    row = evaluation_row(exp.evaluate, run.train.params, ref_params, run, step)
+    writer.write(row, step)
+    rows.append(row)
+
+  if restored is None:
+    evaluate(0)  # The reference policy, before any update.
+  preemption = Preemption()
+  bar = progress(c.online.steps, start, c.runtime.progress_bar, f'online DPO ({c.sampler.name})')
+  batch = c.dpo.batch_size
+  try:
+    for t in range(start, c.online.steps):
+      labelled, _ = exp.labelled_batch(f'online/{t:06d}', t, t, c.sampler.name, run.train.params,
+                                       ref_params, batch)
+      train, metrics = exp.train_step(run.train, labelled)
+      run = RunState(train=train, cost=run.cost + labelled.pairs.cost,
+                     labels_used=run.labels_used + batch)
+      step = t + 1
+      bar.update()
+      if step % c.runtime.log_every_steps == 0:
+        metrics = jax.device_get(metrics)
+        writer.scalars(metrics, step)
+        bar.set_postfix(loss=f'{float(metrics["dpo_loss"]):.3f}')
+      if step % c.eval.every_steps == 0 or step == c.online.steps:
+        evaluate(step)
+      if exp.checkpointer.due(step) or step == c.online.steps or preemption.requested:
+        exp.checkpointer.save(step, run, {'loop': 'online', 'step': step})
+      if preemption.requested:
+        exp.checkpointer.wait()
+        log(f'SIGTERM: saved step {step}; run the same command again to resume.')
+        break
+  finally:
+    bar.close()
+    preemption.restore()
+    writer.close()
+  return rows

@@ -1,0 +1,82 @@
+r"""Runs one experiment: python -m pilaf_jax.main --config=configs/<name>.py --workdir=<dir>.
+
+Without --config it runs the embedded default (online DPO with PILAF on the synthetic task, CPU,
+minutes). Any field can be overridden: --config.sampler.name=vanilla --config.seed=3. Running again
+with the same workdir resumes where the run stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default_config.py')
+_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'An ml_collections config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, labels and metrics.')
+
+
+def _print(message: str) -> None:
+  import jax
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def run(config, workdir: str) -> int:
+  """The whole experiment; returns the process exit code."""
+  from pilaf_jax import config_validation
+  from pilaf_jax.config_validation import ConfigError
+  from pilaf_jax.labelling.label_store import LabelStoreMismatch
+
+  try:
+    config_validation.validate(config)
+    from pilaf_jax.parallel import multihost
+    multihost.initialize_distributed(config.distributed)
+    from pilaf_jax import experiment
+    from pilaf_jax.loops.common import Timer, format_table
+    timer = Timer()
+    experiment.prepare_workdir(config, workdir)
+    exp = experiment.Experiment(config, workdir)
+  except (ConfigError, LabelStoreMismatch) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+
+  _print(f'pilaf_jax: {config.loop} DPO, sampler={config.sampler.name}, oracle={config.oracle.name}, '
+         f'beta={config.beta}, seed={config.seed}, workdir={workdir}')
+  try:
+    if config.loop == 'online':
+      from pilaf_jax.loops.online import run_online
+      run_online(exp, _print)
+    else:
+      from pilaf_jax.loops.iterative import run_iterative
+      run_iterative(exp, _print)
+    counts = exp.store.counts()
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  finally:
+    exp.close()
+
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  _print('\n' + format_table(rows))
+  _print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '
+         f'Wall time {timer.elapsed():.0f} s. Metrics: {os.path.join(workdir, "metrics.jsonl")}')
+  return 0
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not _WORKDIR.value:
+    print('error: --workdir is required (a directory for checkpoints, labels and metrics).',
+          file=sys.stderr)
+    sys.exit(2)
+  logging.set_verbosity(logging.WARNING)
+  sys.exit(run(_CONFIG.value, _WORKDIR.value))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,130 @@
+"""The embedded synthetic preference task: a hidden world in which RLHF has something to learn.
+
+- Prompts: a hidden topic k, then prompt tokens drawn from that topic's token distribution.
+- Behaviour (what the reference is fine-tuned on): several hidden styles of varying quality; a
+  response copies prompt tokens or draws from its style's topic distribution, then ends with EOS.
+- Oracle: a hidden utility u[k, token]; r*(x, y) = scale * E_{k|x}[sum_t u[k, y_t]] / (n + 2), with n
+  the response's content tokens. The oracle infers the topic from the prompt (posterior over k); the
+  policy never sees u, k or r*: only preference labels.
+
+The optimum piles probability on a few high-utility tokens per topic, far from the behaviour mixture,
+so raising the reward costs KL: the trade-off J = reward - beta * KL is real.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pilaf_jax.batches import PromptBatch
+
+PAD, BOS, EOS = 0, 1, 2
+FIRST_CONTENT = 3
+_LENGTH_SMOOTHING = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTaskConfig:
+  world_seed: int
+  vocab_size: int
+  prompt_len: int
+  response_len: int
+  num_topics: int
+  num_styles: int
+  copy_prob: float
+  reward_scale: float
+
+  @classmethod
+  def from_config(cls, cfg) -> 'SyntheticTaskConfig':
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(cfg).items() if k in fields})
+
+
+@flax.struct.dataclass
+class SyntheticWorld:
+  """The hidden tables. Arrays are pytree leaves; the config is static."""
+  topic_logprobs: jax.Array  # [K, V] prompt-token distribution per topic (content tokens only).
+  style_logprobs: jax.Array  # [S, K, V] behaviour response-token distribution.
+  utility: jax.Array  # [K, V] hidden per-topic utility of each token (0 for specials).
+  cfg: SyntheticTaskConfig = flax.struct.field(pytree_node=False)
+
+  @property
+  def allowed_response_tokens(self) -> jax.Array:
+    """[V] bool: content tokens and EOS (never PAD or BOS)."""
+    return jnp.arange(self.cfg.vocab_size) >= EOS
+
+  @property
+  def num_content_tokens(self) -> int:
+    return self.cfg.vocab_size - FIRST_CONTENT
+
+
+def make_world(cfg: SyntheticTaskConfig) -> SyntheticWorld:
+  """Draws the hidden tables from cfg.world_seed (numpy, so the world never depends on jax's PRNG)."""
+  rs = np.random.RandomState(cfg.world_seed)
+  k, s, v = cfg.num_topics, cfg.num_styles, cfg.vocab_size
+  content = np.arange(v) >= FIRST_CONTENT
+
+  def log_normalise(logits):
+    logits = np.where(content, logits, -np.inf)
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+  topic_logprobs = log_normalise(2.5 * rs.randn(k, v))
+  utility = np.where(content, rs.randn(k, v), 0.0)
+  # Styles range from anti-aligned to well aligned with the utility, so the behaviour mixture is
+  # diverse and the reward has room to grow.
+  alignment = np.linspace(-0.5, 1.5, s)
+  style_logits = alignment[:, None, None] * utility[None] + 1.0 * rs.randn(s, k, v) \
+      + 0.5 * topic_logprobs.clip(-20)[None]
+  style_logprobs = log_normalise(style_logits)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  return SyntheticWorld(f32(topic_logprobs), f32(style_logprobs), f32(utility), cfg)
+
+
+def sample_prompts(world: SyntheticWorld, rng: jax.Array, n: int) -> tuple[PromptBatch, jax.Array]:
+  """n prompts [BOS, t_1 .. t_{P-1}] (no padding) and their hidden topics [n]."""
+  k_topic, k_tok = jax.random.split(rng)
+  topics = jax.random.randint(k_topic, (n,), 0, world.cfg.num_topics)
+  tokens = jax.random.categorical(k_tok, world.topic_logprobs[topics][:, None, :],
+                                  shape=(n, world.cfg.prompt_len - 1))
+  tokens = jnp.concatenate([jnp.full((n, 1), BOS), tokens], axis=1).astype(jnp.int32)
+  return PromptBatch(tokens, jnp.ones_like(tokens, bool)), topics
+
+
+def sample_behaviour(world: SyntheticWorld, rng: jax.Array, prompts: PromptBatch,
+                     topics: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Responses of the hidden behaviour policy: (tokens [n, R], mask [n, R]); always end with EOS."""
+  cfg = world.cfg
+  n, r = prompts.size, cfg.response_len
+  k_style, k_len, k_copy, k_pos, k_tok = jax.random.split(rng, 5)
+  styles = jax.random.randint(k_style, (n,), 0, cfg.num_styles)
+  lengths = jax.random.randint(k_len, (n,), 2, r)  # Content tokens, 2..R-1, then EOS.
+  copy = jax.random.bernoulli(k_copy, cfg.copy_prob, (n, r))
+  copy_pos = jax.random.randint(k_pos, (n, r), 1, cfg.prompt_len)
+  copied = jnp.take_along_axis(prompts.tokens, copy_pos, axis=1)
+  drawn = jax.random.categorical(k_tok, world.style_logprobs[styles, topics][:, None, :], shape=(n, r))
+  tokens = jnp.where(copy, copied, drawn)
+  t = jnp.arange(r)[None, :]
+  tokens = jnp.where(t < lengths[:, None], tokens, jnp.where(t == lengths[:, None], EOS, PAD))
+  return tokens.astype(jnp.int32), t <= lengths[:, None]
+
+
+def topic_posterior(world: SyntheticWorld, prompts: PromptBatch) -> jax.Array:
+  """p(k | x) under a uniform prior, [n, K]."""
+  lp = world.topic_logprobs[:, prompts.tokens]  # [K, n, P]
+  content = (prompts.tokens >= FIRST_CONTENT) & prompts.mask
+  loglik = jnp.where(content[None], lp, 0.0).sum(-1)  # [K, n]
+  return jax.nn.softmax(loglik.T, axis=-1)
+
+
+def oracle_reward(world: SyntheticWorld, prompts: PromptBatch, responses: jax.Array,
+                  response_mask: jax.Array) -> jax.Array:
+  """The hidden reward r*(x, y), [n]. responses: [n, R]."""
+  posterior = topic_posterior(world, prompts)  # [n, K]
+  token_utility = jnp.einsum('nk,knr->nr', posterior, world.utility[:, responses])
+  content = response_mask & (responses >= FIRST_CONTENT)
+  total = jnp.where(content, token_utility, 0.0).sum(-1)
+  return world.cfg.reward_scale * total / (content.sum(-1) + _LENGTH_SMOOTHING)

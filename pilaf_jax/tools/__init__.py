@@ -1,0 +1,1 @@
+"""Command-line utilities that inspect a config without running it."""

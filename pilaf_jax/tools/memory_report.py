@@ -1,0 +1,212 @@
+r"""Per-device memory of a config's training state, planned from shapes alone (nothing is allocated).
+
+  python -m pilaf_jax.tools.memory_report --config=configs/llama3_8b_8xh100.py --devices=8
+
+The state is built with jax.eval_shape and laid out with the partition rules on the configured
+mesh; with --devices=N the mesh is resolved for N devices arithmetically, so the devices need not
+exist. Exits non-zero when the mesh does not fit the devices, a rule cannot split a dim, or a batch
+does not split over the data-parallel shards.
+
+Exact rows (from shapes and specs): policy params, reference params, AdamW moments (mu, nu and
+counts; optax keeps them in the param dtype), gradients (param-shaped, alive during the update), and
+the two KV caches of the sampler's decode batch (2 x dpo.batch_size rows each, prompt_len +
+response_len slots).
+
+Estimated rows: activations saved for the backward pass of one DPO step over the 2 x
+dpo.batch_size sequences of T = prompt_len + response_len tokens. Per token and layer, with
+a = bytes of model.dtype, and head/feature counts divided by the mesh's tensor size:
+
+  a * (2d + (H + 2 Hkv) hd + H hd + 3F)   normed inputs, q/k/v, o_proj input, gate/up/silu*up
+  + 4 * (H + Hkv) hd                        rotary q, k in float32
+  + 8d                                      float32 copies inside the two RMSNorms
+  + (4 + a) H T                             softmax probabilities, float32 and cast
+
+and per sequence for the output head: T (a d + (a + 4) V) + 4 R V (logits, their float32 copy and
+the response log-softmax). Without rematerialisation every layer keeps all of it. With per-layer
+rematerialisation (checkpointing each decoder layer) only each layer's input (a d per token) is
+kept, plus one layer's full set while it is recomputed, plus the head. XLA temporaries and FSDP
+all-gather buffers (about two layers' weights in model.dtype) come on top.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from typing import Optional
+
+import jax
+import numpy as np
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+from pilaf_jax.model.llama import LlamaConfig, count_params
+from pilaf_jax.parallel import mesh as mesh_lib
+from pilaf_jax.parallel import partitioning
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+_DEVICES = flags.DEFINE_integer('devices', 0, 'Plan for this many devices (default: the devices '
+                                'jax sees here). They need not exist.')
+_FORMAT = flags.DEFINE_enum('format', 'table', ['table', 'json'], 'Output format.')
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  name: str
+  total_bytes: int  # Summed over the whole mesh's logical arrays (one copy).
+  per_device_bytes: int
+  exact: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  mesh: dict[str, int]
+  num_devices: int
+  num_params: int
+  rows: tuple[Row, ...]
+  notes: tuple[str, ...]
+
+  def row(self, name: str) -> Row:
+    return next(r for r in self.rows if r.name == name)
+
+  @property
+  def state_per_device(self) -> int:
+    return sum(r.per_device_bytes for r in self.rows if r.exact)
+
+  def total_per_device(self, remat: bool) -> int:
+    act = self.row('DPO activations, per-layer remat' if remat else 'DPO activations, no remat')
+    return self.state_per_device + act.per_device_bytes
+
+
+def make_optimizer(dpo_cfg) -> optax.GradientTransformation:
+  """The shape of the DPO optimizer: clipped AdamW with a warmup schedule (its state is what counts)."""
+  schedule = optax.linear_schedule(0.0, dpo_cfg.learning_rate, max(int(dpo_cfg.warmup_steps), 1))
+  return optax.chain(optax.clip_by_global_norm(dpo_cfg.max_grad_norm),
+                     optax.adamw(schedule, weight_decay=dpo_cfg.weight_decay))
+
+
+def activation_bytes(cfg: LlamaConfig, sequences: int, prompt_len: int, response_len: int,
+                     tensor: int, remat: bool) -> int:
+  """Estimated activation bytes one device keeps for the backward pass (formula: module doc)."""
+  a = np.dtype(cfg.dtype).itemsize
+  d, hd, t = cfg.hidden_size, cfg.resolved_head_dim, prompt_len + response_len
+  # Per-device counts of what tensor parallelism splits (rounded up when it does not divide).
+  h, hkv = -(-cfg.num_heads // tensor), -(-cfg.num_kv_heads // tensor)
+  f, v = -(-cfg.intermediate_size // tensor), -(-cfg.vocab_size // tensor)
+  per_layer_token = (a * (2 * d + (h + 2 * hkv) * hd + h * hd + 3 * f)
+                     + 4 * (h + hkv) * hd + 8 * d + (4 + a) * h * t)
+  head = t * (a * d + (a + 4) * v) + 4 * response_len * v
+  if remat:
+    per_sequence = t * cfg.num_layers * a * d + t * per_layer_token + head
+  else:
+    per_sequence = t * cfg.num_layers * per_layer_token + head
+  return sequences * per_sequence
+
+
+def build_report(config, num_devices: int) -> Report:
+  """Every row of the report for `config` on `num_devices` devices. Raises ValueError on misfit."""
+  sizes = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_mesh_shape(config.mesh, num_devices)))
+  cfg = LlamaConfig.from_config(config.model)
+  batch, p, r = config.dpo.batch_size, config.task.prompt_len, config.task.response_len
+  params = partitioning.abstract_params(cfg)
+  specs = partitioning.param_partition_specs(params, mesh=sizes)
+  for what, rows in (('dpo.batch_size', batch), ('sft.batch_size', config.sft.batch_size),
+                     ('eval.batch_size', config.eval.batch_size)):
+    mesh_lib.check_batch_divisible(rows, sizes, what)
+  param_row = lambda name: Row(name, partitioning.total_bytes(params),
+                               partitioning.per_device_bytes(params, specs, sizes))
+
+  opt_state = jax.eval_shape(make_optimizer(config.dpo).init, params)
+  opt_specs = partitioning.optimizer_state_specs(opt_state, specs, params)
+
+  # The sampler decodes both responses of every prompt; each model keeps a cache for its rows.
+  decode_rows, slots = 2 * batch, p + r
+  cache = partitioning.abstract_kv_cache(cfg, decode_rows, slots)
+  cache_specs = partitioning.kv_cache_specs(cache, sizes)
+
+  sequences = 2 * batch  # Chosen and rejected response of every pair.
+  per_device_seqs = sequences // mesh_lib.num_batch_shards(sizes)
+  act = functools.partial(activation_bytes, cfg, prompt_len=p, response_len=r, tensor=sizes['tensor'])
+
+  rows = (
+      param_row('policy params'),
+      param_row('reference params'),
+      Row('AdamW state (mu, nu)', partitioning.total_bytes(opt_state),
+          partitioning.per_device_bytes(opt_state, opt_specs, sizes)),
+      param_row('gradients'),
+      Row(f'KV caches (2 models x {decode_rows} rows x {slots} slots)',
+          2 * partitioning.total_bytes(cache), 2 * partitioning.per_device_bytes(cache, cache_specs, sizes)),
+      Row('DPO activations, no remat', act(sequences, remat=False),
+          act(per_device_seqs, remat=False), exact=False),
+      Row('DPO activations, per-layer remat', act(sequences, remat=True),
+          act(per_device_seqs, remat=True), exact=False),
+  )
+  notes = (
+      f'model: {count_params(params):,} params, param_dtype={cfg.param_dtype}, dtype={cfg.dtype}',
+      f'DPO step: {batch} pairs = {sequences} sequences x {slots} tokens (prompt {p} + response {r}), '
+      f'{per_device_seqs} per device',
+      f'decode: {decode_rows} rows per model, {slots} cache slots',
+  )
+  return Report(sizes, num_devices, count_params(params), rows, notes)
+
+
+def format_table(report: Report, config_path: str = '') -> str:
+  m = report.mesh
+  lines = [f'Memory plan{" for " + config_path if config_path else ""}: {report.num_devices} devices, '
+           f'mesh data={m["data"]} x fsdp={m["fsdp"]} x tensor={m["tensor"]}']
+  lines += [f'  {n}' for n in report.notes]
+  lines.append('')
+  width = max(len(r.name) for r in report.rows) + 4
+  lines.append(f'{"":{width}}{"total GiB":>12}{"per device GiB":>17}')
+
+  def line(name, total, per_device):
+    total_text = f'{total / GIB:12.2f}' if total is not None else f'{"":12}'
+    return f'{name:{width}}{total_text}{per_device / GIB:17.2f}'
+
+  for r in report.rows:
+    if r.exact:
+      lines.append(line(r.name, r.total_bytes, r.per_device_bytes))
+  lines.append(line('state (exact, from shapes)', None, report.state_per_device))
+  lines.append('')
+  for r in report.rows:
+    if not r.exact:
+      lines.append(line(r.name + ' (est.)', r.total_bytes, r.per_device_bytes))
+  lines.append('')
+  lines.append(line('total per device, no remat', None, report.total_per_device(remat=False)))
+  lines.append(line('total per device, per-layer remat', None, report.total_per_device(remat=True)))
+  lines.append('(Activations are estimates; XLA temporaries and FSDP gather buffers are not included.)')
+  return '\n'.join(lines)
+
+
+def to_json(report: Report) -> str:
+  return json.dumps(dict(
+      mesh=report.mesh, num_devices=report.num_devices, num_params=report.num_params,
+      rows=[dataclasses.asdict(r) for r in report.rows],
+      state_per_device_bytes=report.state_per_device,
+      total_per_device_bytes=dict(no_remat=report.total_per_device(False),
+                                  per_layer_remat=report.total_per_device(True)),
+      notes=list(report.notes)), indent=1)
+
+
+def main(argv) -> Optional[int]:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required.')
+  num_devices = _DEVICES.value or jax.device_count()
+  try:
+    report = build_report(config, num_devices)
+  except ValueError as e:
+    print(f'memory_report: {e}', file=sys.stderr)
+    return 1
+  path = config_flags.get_config_filename(flags.FLAGS['config'])
+  print(format_table(report, path) if _FORMAT.value == 'table' else to_json(report))
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny models and tiny vocabularies whose every response can be enumerated."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pilaf_jax.batches import PromptBatch  # noqa: E402
+from pilaf_jax.model.llama import Llama, LlamaConfig, init_params  # noqa: E402
+from pilaf_jax.model.scoring import response_logprobs  # noqa: E402
+from pilaf_jax.sampling.samplers import enumerate_responses  # noqa: E402
+
+PAD, BOS, EOS = 0, 1, 2
+TINY_VOCAB = 5  # PAD, BOS, EOS and two content tokens.
+TINY_ALLOWED = np.arange(TINY_VOCAB) >= EOS
+
+
+def tiny_model(seed: int, vocab: int = TINY_VOCAB, scale: float = 1.0, **overrides):
+  """A small random Llama. scale > 1 sharpens its distributions (random init is near uniform)."""
+  cfg = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+             num_kv_heads=1)
+  cfg.update(overrides)
+  model = Llama(LlamaConfig(**cfg))
+  params = init_params(model.cfg, jax.random.key(seed))
+  params = jax.tree.map(lambda x: x * scale if x.ndim == 2 else x, params)
+  return model, params
+
+
+def prompt_batch(rows, length: int = 3, seed: int = 0, vocab: int = TINY_VOCAB, left_pad=()):
+  """rows prompts of BOS + random content; row i gets left_pad[i] padding tokens."""
+  rs = np.random.RandomState(seed)
+  tokens = rs.randint(3, vocab, size=(rows, length)).astype(np.int32)
+  tokens[:, 0] = BOS
+  mask = np.ones((rows, length), bool)
+  for i, pad in enumerate(left_pad):
+    tokens[i, :pad], mask[i, :pad] = PAD, False
+    tokens[i, pad] = BOS
+  return PromptBatch(jnp.asarray(tokens), jnp.asarray(mask))
+
+
+def enumerate_tiny(max_len: int):
+  return enumerate_responses(TINY_ALLOWED, EOS, PAD, max_len)
+
+
+def sequence_logprobs(model, params, prompt: PromptBatch, tokens, mask):
+  """Teacher-forced log pi(y | x) of every enumerated response for a single prompt ([1, P])."""
+  e = tokens.shape[0]
+  lp = response_logprobs(model, params, jnp.repeat(prompt.tokens, e, 0), jnp.repeat(prompt.mask, e, 0),
+                         jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(TINY_ALLOWED))
+  return np.asarray(lp.sum(-1), np.float64)
+
+
+def token_mixture_probs(policy, pp, ref, rp, prompt: PromptBatch, tokens, mask, coef: float):
+  """Brute force, in numpy: P(y) = prod_t softmax(coef log p_t + (1 - coef) log r_t)[y_t]."""
+  e, r = tokens.shape
+  p = prompt.tokens.shape[1]
+
+  def full_logits(model, params):
+    toks = np.concatenate([np.repeat(np.asarray(prompt.tokens), e, 0), tokens], 1)
+    valid = np.concatenate([np.repeat(np.asarray(prompt.mask), e, 0), mask], 1)
+    pos = np.maximum(np.cumsum(valid, 1) - 1, 0)
+    logits, _ = model.apply({'params': params}, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(valid))
+    return np.asarray(logits, np.float64)[:, p - 1:-1]  # [E, R, V], position t predicts token t.
+
+  def log_softmax(x):
+    x = np.where(TINY_ALLOWED, x, -np.inf)
+    return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+
+  lp, lr = log_softmax(full_logits(policy, pp)), log_softmax(full_logits(ref, rp))
+  mixed = np.where(TINY_ALLOWED, coef * np.where(TINY_ALLOWED, lp, 0) + (1 - coef) * np.where(TINY_ALLOWED, lr, 0), -np.inf)
+  mixed = log_softmax(mixed)
+  token_lp = np.take_along_axis(mixed, tokens[..., None], -1)[..., 0]
+  return np.exp(np.where(mask, token_lp, 0.0).sum(-1))
+
+
+def response_ids(sampled_tokens, enumerated_tokens) -> np.ndarray:
+  """Index of each sampled response in the enumeration (-1 if absent)."""
+  lookup = {tuple(t): i for i, t in enumerate(np.asarray(enumerated_tokens).tolist())}
+  return np.asarray([lookup.get(tuple(t), -1) for t in np.asarray(sampled_tokens).tolist()])
+
+
+def chi2_pvalue(ids: np.ndarray, probs: np.ndarray) -> float:
+  """Goodness of fit of sampled ids to probs (categories with tiny expectation are pooled)."""
+  assert (ids >= 0).all(), 'a sampled response is outside the enumeration'
+  counts = np.bincount(ids, minlength=len(probs)).astype(float)
+  expected = probs / probs.sum() * len(ids)
+  big = expected >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  if exp[-1] == 0:
+    obs, exp = obs[:-1], exp[:-1]
+  return float(stats.chisquare(obs, exp).pvalue)
+
+
+@pytest.fixture(scope='session')
+def tiny_pair():
+  """A policy and a reference that differ clearly, on the tiny vocabulary."""
+  policy = tiny_model(0, scale=6.0)
+  ref = tiny_model(1, scale=6.0)
+  return policy, ref
