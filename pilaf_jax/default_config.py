@@ -50,10 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.dpo = ml_collections.ConfigDict(dict(
       batch_size=64,  # Prompts (= labelled pairs) per update.
-      learning_rate=1e-3, warmup_steps=10, weight_decay=0.0, max_grad_norm=1.0,
+      learning_rate=3e-4, warmup_steps=10, weight_decay=0.0, max_grad_norm=1.0,
   ))
 
-  c.online = ml_collections.ConfigDict(dict(steps=250))
+  c.online = ml_collections.ConfigDict(dict(steps=200))
 
   c.iterative = ml_collections.ConfigDict(dict(
       iterations=3, prompts_per_iteration=2048, epochs=2,

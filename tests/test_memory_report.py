@@ -57,9 +57,9 @@ def test_cli_matches_analytic_counts_8xh100():
   # mu and nu like the params, plus two int32 step counts (adam's and the schedule's).
   assert rows['AdamW state (mu, nu)']['per_device_bytes'] == 2 * params_per_device + 2 * 4
   # Two models, k and v per layer: 128 rows / 8 shards x 1024 slots x 8 kv heads x 128 x bf16,
-  # and a bool validity mask per model.
+  # plus per model a bool validity mask and an int32 write index.
   kv = rows['KV caches (2 models x 128 rows x 1024 slots)']['per_device_bytes']
-  assert kv == 2 * (2 * L * (128 // shards) * 1024 * HKV * HD * 2 + (128 // shards) * 1024)
+  assert kv == 2 * (2 * L * (128 // shards) * 1024 * HKV * HD * 2 + (128 // shards) * 1024 + 4)
   assert report['state_per_device_bytes'] == sum(r['per_device_bytes'] for r in report['rows'] if r['exact'])
   no_remat, remat = (rows['DPO activations, no remat']['per_device_bytes'],
                      rows['DPO activations, per-layer remat']['per_device_bytes'])
@@ -68,12 +68,12 @@ def test_cli_matches_analytic_counts_8xh100():
   assert remat > 16 * 1024 * L * D * 2
 
 
-def test_table_output_tpu_pod():
-  proc = run_tool('--config=configs/llama3_8b_tpu_pod.py', '--devices=32')
-  assert proc.returncode == 0, proc.stderr
-  assert 'mesh data=1 x fsdp=32 x tensor=1' in proc.stdout
-  assert 'model: 8,030,261,248 params' in proc.stdout
-  policy = next(line for line in proc.stdout.splitlines() if line.startswith('policy params'))
+def test_table_tpu_pod():
+  report = memory_report.build_report(load_config('llama3_8b_tpu_pod'), 32)
+  table = memory_report.format_table(report, 'configs/llama3_8b_tpu_pod.py')
+  assert 'configs/llama3_8b_tpu_pod.py: 32 devices, mesh data=1 x fsdp=32 x tensor=1' in table
+  assert 'model: 8,030,261,248 params' in table
+  policy = next(line for line in table.splitlines() if line.startswith('policy params'))
   total_gib, per_device_gib = map(float, policy.split()[-2:])
   assert total_gib == round(4 * NUM_PARAMS / 2**30, 2)
   assert per_device_gib == round(4 * (MATRIX_PARAMS // 32 + NORM_PARAMS) / 2**30, 2)
@@ -84,9 +84,16 @@ def test_cli_rejects_indivisible_mesh():
   proc = run_tool('--config=configs/llama3_8b_8xh100.py', '--devices=6')
   assert proc.returncode == 1
   assert "embed_tokens/embedding: dim 1 of size 4096 is not divisible by 6 (mesh fsdp=6)" in proc.stderr
-  proc = run_tool('--config=configs/llama3_8b_8xh100.py', '--devices=16', '--config.dpo.batch_size=24')
-  assert proc.returncode == 1
-  assert 'dpo.batch_size=24 is not divisible by the 16 data-parallel shards' in proc.stderr
+
+
+def test_report_rejects_indivisible_batch_and_mesh():
+  config = load_config('llama3_8b_8xh100')
+  with config.unlocked():
+    config.dpo.batch_size = 24
+  with pytest.raises(ValueError, match='dpo.batch_size=24 is not divisible by the 16 data-parallel shards'):
+    memory_report.build_report(config, 16)
+  with pytest.raises(ValueError, match='A mesh needs at least one device; got 0.'):
+    memory_report.build_report(load_config('llama3_8b_8xh100'), 0)
 
 
 @pytest.mark.parametrize('name', list(CONFIGS))

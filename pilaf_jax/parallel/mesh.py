@@ -45,6 +45,8 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[i
 
   Raises ValueError, naming the config fields, when the sizes cannot tile the devices exactly.
   """
+  if num_devices < 1:
+    raise ValueError(f'A mesh needs at least one device; got {num_devices}.')
   names = set(dict(mesh_cfg))
   if names != set(MESH_AXES):
     raise ValueError(f'The mesh config must have exactly the fields {list(MESH_AXES)}; '

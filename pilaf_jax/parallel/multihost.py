@@ -138,9 +138,10 @@ def is_main_process() -> bool:
 def host_local_to_global(tree: Any, mesh: Mesh, spec: Optional[P] = None) -> Any:
   """Assembles global arrays from the rows each process holds.
 
-  Every process passes its own rows (same shapes on every process); the global batch is their
-  concatenation in process order along axis 0. spec defaults to rows over ('data', 'fsdp'), the
-  rest replicated. With one process this is a device_put.
+  Every process passes the rows its devices hold (same shapes on every process): with the usual
+  process-major device order that is rows process_rows(global_rows, mesh) of the global batch.
+  spec (for every leaf) defaults to rows over ('data', 'fsdp'), the rest replicated. With one
+  process this is a device_put.
   """
   def one(x):
     x = np.asarray(x)

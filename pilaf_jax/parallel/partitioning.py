@@ -284,7 +284,11 @@ def total_bytes(shapes: Any) -> int:
   return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(shapes))
 
 
-def abstract_params(cfg: LlamaConfig) -> Any:
-  """The params' ShapeDtypeStructs, without allocating them."""
+@functools.lru_cache(maxsize=8)
+def _abstract_params(cfg: LlamaConfig) -> Any:
   return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
+
+def abstract_params(cfg: LlamaConfig) -> Any:
+  """The params' ShapeDtypeStructs, without allocating them (cached: tracing 8B takes a second)."""
+  return jax.tree.map(lambda x: x, _abstract_params(cfg))  # A fresh tree each call.

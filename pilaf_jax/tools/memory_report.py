@@ -37,17 +37,17 @@ from typing import Optional
 
 import jax
 import numpy as np
-import optax
 from absl import app, flags
 from ml_collections import config_flags
 
+from pilaf_jax.learning.train_state import make_optimizer
 from pilaf_jax.model.llama import LlamaConfig, count_params
 from pilaf_jax.parallel import mesh as mesh_lib
 from pilaf_jax.parallel import partitioning
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _DEVICES = flags.DEFINE_integer('devices', 0, 'Plan for this many devices (default: the devices '
-                                'jax sees here). They need not exist.')
+                                'jax sees here). They need not exist.', lower_bound=0)
 _FORMAT = flags.DEFINE_enum('format', 'table', ['table', 'json'], 'Output format.')
 
 GIB = 2 ** 30
@@ -81,13 +81,6 @@ class Report:
     return self.state_per_device + act.per_device_bytes
 
 
-def make_optimizer(dpo_cfg) -> optax.GradientTransformation:
-  """The shape of the DPO optimizer: clipped AdamW with a warmup schedule (its state is what counts)."""
-  schedule = optax.linear_schedule(0.0, dpo_cfg.learning_rate, max(int(dpo_cfg.warmup_steps), 1))
-  return optax.chain(optax.clip_by_global_norm(dpo_cfg.max_grad_norm),
-                     optax.adamw(schedule, weight_decay=dpo_cfg.weight_decay))
-
-
 def activation_bytes(cfg: LlamaConfig, sequences: int, prompt_len: int, response_len: int,
                      tensor: int, remat: bool) -> int:
   """Estimated activation bytes one device keeps for the backward pass (formula: module doc)."""
@@ -119,7 +112,9 @@ def build_report(config, num_devices: int) -> Report:
   param_row = lambda name: Row(name, partitioning.total_bytes(params),
                                partitioning.per_device_bytes(params, specs, sizes))
 
-  opt_state = jax.eval_shape(make_optimizer(config.dpo).init, params)
+  d = config.dpo  # The DPO update's own optimizer, so that its state is counted exactly.
+  tx = make_optimizer(d.learning_rate, d.warmup_steps, d.weight_decay, d.max_grad_norm)
+  opt_state = jax.eval_shape(tx.init, params)
   opt_specs = partitioning.optimizer_state_specs(opt_state, specs, params)
 
   # The sampler decodes both responses of every prompt; each model keeps a cache for its rows.
@@ -129,7 +124,10 @@ def build_report(config, num_devices: int) -> Report:
 
   sequences = 2 * batch  # Chosen and rejected response of every pair.
   per_device_seqs = sequences // mesh_lib.num_batch_shards(sizes)
-  act = functools.partial(activation_bytes, cfg, prompt_len=p, response_len=r, tensor=sizes['tensor'])
+  act = functools.partial(activation_bytes, cfg, prompt_len=p, response_len=r)
+  # Whole-batch totals are for the unsplit model (tensor=1); per device, tensor splits features.
+  total_act = lambda remat: act(sequences, tensor=1, remat=remat)
+  device_act = lambda remat: act(per_device_seqs, tensor=sizes['tensor'], remat=remat)
 
   rows = (
       param_row('policy params'),
@@ -139,10 +137,8 @@ def build_report(config, num_devices: int) -> Report:
       param_row('gradients'),
       Row(f'KV caches (2 models x {decode_rows} rows x {slots} slots)',
           2 * partitioning.total_bytes(cache), 2 * partitioning.per_device_bytes(cache, cache_specs, sizes)),
-      Row('DPO activations, no remat', act(sequences, remat=False),
-          act(per_device_seqs, remat=False), exact=False),
-      Row('DPO activations, per-layer remat', act(sequences, remat=True),
-          act(per_device_seqs, remat=True), exact=False),
+      Row('DPO activations, no remat', total_act(False), device_act(False), exact=False),
+      Row('DPO activations, per-layer remat', total_act(True), device_act(True), exact=False),
   )
   notes = (
       f'model: {count_params(params):,} params, param_dtype={cfg.param_dtype}, dtype={cfg.dtype}',

@@ -1,0 +1,67 @@
+"""Paper scale on one 8-GPU node (8 x H100 80 GB): Llama-3.1-8B, online DPO with PILAF sampling.
+
+  python -m pilaf_jax.main --config=configs/llama3_8b_8xh100.py --workdir=/path/to/run
+  python -m pilaf_jax.tools.memory_report --config=configs/llama3_8b_8xh100.py --devices=8
+
+One process drives the node's 8 GPUs. For several nodes use launch/slurm_gpu.sbatch, which sets
+the PILAF_* variables that override config.distributed; the mesh's fsdp=-1 then spans every GPU.
+Memory figures are in docs/scale_out.md.
+"""
+from pilaf_jax import default_config
+
+
+def get_config():
+  c = default_config.get_config()
+
+  # Needs the real-data task (HH-RLHF prompts, a tokenizer, a reward-model oracle), which does not
+  # exist yet; the memory report does not depend on it. The synthetic-only task fields are unused.
+  c.task.name = 'hh_rlhf'
+  c.task.vocab_size = 128_256  # Llama 3 tokenizer.
+  c.task.prompt_len = 512
+  c.task.response_len = 512
+
+  # Llama-3.1-8B. Activations and matmuls in bfloat16; parameters in float32 because AdamW updates
+  # at DPO learning rates (~5e-7 relative to weights of ~1e-2) are far below bfloat16's resolution
+  # (2^-8 relative) and would round to no change. Optimizer moments follow the params (float32).
+  c.model.vocab_size = 128_256
+  c.model.hidden_size = 4096
+  c.model.intermediate_size = 14_336
+  c.model.num_layers = 32
+  c.model.num_heads = 32
+  c.model.num_kv_heads = 8
+  c.model.head_dim = 0  # 4096 / 32 = 128.
+  c.model.rope_theta = 500_000.0
+  c.model.rms_norm_eps = 1e-5
+  c.model.tie_embeddings = False
+  c.model.attention_bias = False
+  c.model.dtype = 'bfloat16'
+  c.model.param_dtype = 'float32'
+
+  # The reference is an SFT'd Llama-3.1-8B loaded from a checkpoint rather than trained here.
+  c.sft.batch_size = 64
+  c.sft.learning_rate = 1e-5
+  c.sft.warmup_steps = 100
+
+  # Every batch must split over the 8 data-parallel (fsdp) shards.
+  c.dpo.batch_size = 64  # 128 sequences of 1024 tokens per step, 16 per GPU.
+  c.dpo.learning_rate = 5e-7
+  c.dpo.warmup_steps = 100
+  c.dpo.weight_decay = 0.0
+  c.dpo.max_grad_norm = 1.0
+
+  c.eval.num_prompts = 512
+  c.eval.batch_size = 64
+
+  # About 96 GiB of params + optimizer state per checkpoint: save by steps, not every two minutes.
+  c.checkpoint.every_steps = 50
+  c.checkpoint.every_seconds = 3600.0
+
+  # Plain FSDP: params, grads and AdamW state split 8 ways, batch rows split 8 ways.
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+
+  c.distributed.coordinator_address = ''
+  c.distributed.num_processes = 1
+  c.runtime.progress_bar = False
+  return c
