@@ -30,8 +30,11 @@ from pilaf_jax.learning.dpo import dpo_step
 from pilaf_jax.learning.sft import sft_step
 from pilaf_jax.learning.train_state import TrainState, init_train_state, make_optimizer
 from pilaf_jax.model.llama import Llama, LlamaConfig, init_params
+from pilaf_jax.parallel.mesh import batch_sharding, check_batch_divisible, make_mesh
+from pilaf_jax.parallel.multihost import is_main_process
+from pilaf_jax.parallel.placement import Placement, broadcast_from_main, to_host
 from pilaf_jax.sampling.decode import DecodeSettings
-from pilaf_jax.sampling.samplers import SamplerContext, make_sampler
+from pilaf_jax.sampling.samplers import SamplerContext, check_sampler
 from pilaf_jax.tasks import EOS, PAD, make_task, oracle_reward, sample_behaviour, sample_prompts
 
 # Stream ids for jax.random.fold_in(run_key, id).
@@ -76,6 +79,24 @@ def model_config(cfg) -> LlamaConfig:
     raise ConfigError(str(e)) from None
 
 
+class _ShardedStep:
+  """jax.jit of step(state, batch) with explicit shardings: the state's from the partition rules,
+  the batch's rows over the batch axes. Built on first call, once per batch structure."""
+
+  def __init__(self, step, placement: Placement, state_sharding):
+    self._step, self._placement, self._state_sharding = step, placement, state_sharding
+    self._jitted = {}
+
+  def __call__(self, state, batch):
+    structure = jax.tree.structure(batch)
+    if structure not in self._jitted:
+      batch_sharding = jax.tree.map(self._placement.row_sharding, batch)
+      self._jitted[structure] = jax.jit(
+          self._step, in_shardings=(self._state_sharding, batch_sharding),
+          out_shardings=(self._state_sharding, self._placement.replicated), donate_argnums=0)
+    return self._jitted[structure](state, batch)
+
+
 @dataclasses.dataclass
 class Experiment:
   config: ml_collections.ConfigDict
@@ -89,6 +110,15 @@ class Experiment:
     self.model = Llama(model_config(c.model))
     self.ref_model = self.model  # The reference is the SFT model: same architecture.
     self.reward_fn = functools.partial(oracle_reward, self.world)
+    try:
+      self.mesh = make_mesh(c.mesh)
+      for field in ('dpo.batch_size', 'sft.batch_size', 'eval.batch_size'):
+        section, name = field.split('.')
+        check_batch_divisible(c[section][name], self.mesh, field)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    self.placement = Placement(self.mesh, self.model.cfg)
+    self.prompt_sharding = PromptBatch(batch_sharding(self.mesh, 2), batch_sharding(self.mesh, 2))
     settings = DecodeSettings(max_new_tokens=c.task.response_len, eos_id=EOS, pad_id=PAD,
                               temperature=c.sampler.temperature, top_k=c.sampler.top_k,
                               top_p=c.sampler.top_p)
@@ -97,35 +127,64 @@ class Experiment:
         vanilla_fraction=c.sampler.vanilla_fraction, best_of_n=c.sampler.best_of_n,
         max_enumerated_responses=c.sampler.max_enumerated_responses)
     self._samplers: dict[str, Callable] = {}
+    self._prompt_fns: dict[int, Callable] = {}
     self.sampler(c.sampler.name)  # Validate before any work starts.
-    self.oracle = make_oracle(c.oracle.name, self.reward_fn)
+    if c.loop == 'iterative' and c.iterative.first_iteration_sampler:
+      self.sampler(c.iterative.first_iteration_sampler)
+    try:
+      oracle = make_oracle(c.oracle.name, self.reward_fn)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    placement = self.placement
+
+    def label(pairs, index):
+      a_preferred, rewards = oracle(pairs, self._key(ORACLE_STREAM, index))
+      return placement.constrain_rows(a_preferred), placement.constrain_replicated(rewards)
+    self.oracle = jax.jit(label)
+
     self.tx = make_optimizer(c.dpo.learning_rate, c.dpo.warmup_steps, c.dpo.weight_decay,
                              c.dpo.max_grad_norm)
-    self.train_step = jax.jit(functools.partial(dpo_step, model=self.model, tx=self.tx, beta=c.beta,
-                                                allowed_tokens=jnp.asarray(self.allowed)),
-                              donate_argnums=0)
-    eval_prompts, _ = sample_prompts(self.world, self._key(EVAL_STREAM, 0), c.eval.num_prompts)
+    self.state_sharding = placement.train_state(self.tx)
+    self.train_step = _ShardedStep(
+        functools.partial(dpo_step, model=self.model, tx=self.tx, beta=c.beta,
+                          allowed_tokens=jnp.asarray(self.allowed)), placement, self.state_sharding)
     # Evaluation decodes with plain sampling (temperature 1, no filters): reward and KL of pi_theta itself.
     eval_ctx = dataclasses.replace(self.sampler_ctx, settings=dataclasses.replace(
         settings, temperature=1.0, top_k=0, top_p=1.0))
-    self.evaluate = Evaluator(eval_ctx, eval_prompts, self.reward_fn, self._key(EVAL_STREAM, 1),
-                              c.eval.batch_size, c.beta)
-    self.store = LabelStore(os.path.join(self.workdir, 'labels.sqlite'),
-                            config_validation.fingerprint(c))
+    eval_batch = c.eval.batch_size
+    self.evaluator = Evaluator(
+        eval_ctx, lambda rng: placement.constrain_rows(sample_prompts(self.world, rng, eval_batch)[0]),
+        self.reward_fn, jax.random.fold_in(self.run_key, EVAL_STREAM), c.eval.num_prompts // eval_batch,
+        c.beta, jit_kwargs=dict(in_shardings=(placement.params, placement.params, placement.replicated)),
+        constrain=placement.constrain_replicated)
+    # Labels are written by process 0 alone; the others receive what it reads.
+    self.store = (LabelStore(os.path.join(self.workdir, 'labels.sqlite'), config_validation.fingerprint(c))
+                  if is_main_process() else None)
     ck = c.checkpoint
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(self.workdir, 'checkpoints'), max_to_keep=ck.max_to_keep,
         every_steps=ck.every_steps, every_seconds=ck.every_seconds, async_save=ck.async_save)
 
-  def _key(self, stream: int, index: int) -> jax.Array:
+  def evaluate(self, policy_params, ref_params) -> dict:
+    return self.evaluator(policy_params, ref_params, self.placement.scalar)
+
+  def _key(self, stream: int, index) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(self.run_key, stream), index)
 
   def sampler(self, name: str) -> Callable:
+    """The jitted sampler: fn(policy_params, ref_params, prompts, index) -> PairBatch."""
     if name not in self._samplers:
       try:
-        self._samplers[name] = make_sampler(name, self.sampler_ctx)
+        fn = check_sampler(name, self.sampler_ctx)
       except ValueError as e:
         raise ConfigError(str(e)) from None
+      ctx, placement = self.sampler_ctx, self.placement
+
+      def sample(policy_params, ref_params, prompts, index):
+        pairs = fn(ctx, policy_params, ref_params, prompts, self._key(SAMPLE_STREAM, index))
+        return placement.constrain_rows(pairs)
+      self._samplers[name] = jax.jit(sample, in_shardings=(
+          placement.params, placement.params, self.prompt_sharding, placement.replicated))
     return self._samplers[name]
 
   # --- the reference policy ---
@@ -134,7 +193,8 @@ class Experiment:
     c = self.config
     directory = c.sft.init_checkpoint or os.path.join(self.workdir, 'reference')
     directory = os.path.abspath(directory)
-    target = jax.eval_shape(functools.partial(init_params, self.model.cfg), self._key(INIT_STREAM, 0))
+    target = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          self.placement.abstract_params, self.placement.params)
     if os.path.exists(os.path.join(directory, 'params')):
       try:
         params = ocp.StandardCheckpointer().restore(os.path.join(directory, 'params'), target)
@@ -156,49 +216,69 @@ class Experiment:
 
   def train_reference(self, log: Callable[[str], None] = print) -> dict:
     c = self.config.sft
+    placement = self.placement
     tx = make_optimizer(c.learning_rate, c.warmup_steps, c.weight_decay)
-    state = init_train_state(init_params(self.model.cfg, self._key(INIT_STREAM, 0)), tx)
-    step = jax.jit(functools.partial(sft_step, model=self.model, tx=tx,
-                                     allowed_tokens=jnp.asarray(self.allowed)), donate_argnums=0)
+    state_sharding = placement.train_state(tx)
+    init = jax.jit(lambda rng: init_train_state(init_params(self.model.cfg, rng), tx),
+                   in_shardings=(placement.replicated,), out_shardings=state_sharding)
+    state = init(self._key(INIT_STREAM, 0))
+    sharded_rows = lambda x: placement.constrain_rows(x)
 
-    @jax.jit
-    def behaviour_batch(rng):
-      k_prompt, k_resp = jax.random.split(rng)
+    def step(state, index):
+      k_prompt, k_resp = jax.random.split(self._key(SFT_STREAM, index))
       prompts, topics = sample_prompts(self.world, k_prompt, c.batch_size)
-      return (prompts,) + sample_behaviour(self.world, k_resp, prompts, topics)
+      responses, mask = sample_behaviour(self.world, k_resp, prompts, topics)
+      return sft_step(state, sharded_rows(prompts), sharded_rows(responses), sharded_rows(mask),
+                      model=self.model, tx=tx, allowed_tokens=jnp.asarray(self.allowed))
+    step = jax.jit(step, in_shardings=(state_sharding, placement.replicated),
+                   out_shardings=(state_sharding, placement.replicated), donate_argnums=0)
 
     start, losses = time.time(), []
     for i in range(c.steps):
-      state, metrics = step(state, *behaviour_batch(self._key(SFT_STREAM, i)))
+      state, metrics = step(state, placement.scalar(i))
       losses.append(metrics['sft_loss'])
-    losses = jax.device_get(losses)
+    losses = np.asarray(jax.device_get(losses))
     log(f'Reference policy: SFT on behaviour responses, {c.steps} steps in {time.time() - start:.1f} s, '
         f'loss {float(np.mean(losses[:10])):.3f} -> {float(np.mean(losses[-10:])):.3f}.')
     return state.params
 
   # --- labelled data ---
   def prompts(self, index: int, n: int) -> PromptBatch:
-    return sample_prompts(self.world, self._key(PROMPT_STREAM, index), n)[0]
+    """Prompt batch `index` of the prompt stream (a global array, rows sharded)."""
+    if n not in self._prompt_fns:
+      self._prompt_fns[n] = jax.jit(
+          lambda index: sample_prompts(self.world, self._key(PROMPT_STREAM, index), n)[0],
+          in_shardings=(self.placement.replicated,), out_shardings=self.prompt_sharding)
+    return self._prompt_fns[n](self.placement.scalar(index))
 
   def labelled_batch(self, batch_key: str, index: int, step: int, sampler_name: str, policy_params,
                      ref_params, n: int) -> tuple[PreferenceBatch, bool]:
     """The labelled batch `batch_key`: from the store when it was already paid for, else sampled,
     labelled and committed to the store before it is returned. Returns (batch, was_stored)."""
-    stored = self.store.get(batch_key)
-    if stored is not None:
-      return jax.tree.map(jnp.asarray, stored[0]), True
-    pairs = self.sampler(sampler_name)(policy_params, ref_params, self.prompts(index, n),
-                                       self._key(SAMPLE_STREAM, index))
-    self.store.log_query(batch_key, n)
-    a_preferred, rewards = self.oracle(pairs, self._key(ORACLE_STREAM, index))
+    sampler, index_array = self.sampler(sampler_name), self.placement.scalar(index)
+    stored = self.store.get(batch_key) if self.store is not None else None
+    if int(broadcast_from_main(np.int32(stored is not None))):
+      if stored is None:  # Not process 0: receive process 0's copy, shaped like a fresh batch.
+        abstract = jax.eval_shape(sampler, policy_params, ref_params, self.prompts(index, n), index_array)
+        stored = (PreferenceBatch(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract),
+                                  np.zeros((n,), bool)), None)
+      return self.placement.to_global(broadcast_from_main(stored[0])), True
+    pairs = sampler(policy_params, ref_params, self.prompts(index, n), index_array)
+    if self.store is not None:
+      self.store.log_query(batch_key, n)
+    a_preferred, rewards = self.oracle(pairs, index_array)
     labelled = PreferenceBatch(pairs, a_preferred)
-    self.store.put(batch_key, step, sampler_name, labelled, jax.device_get(rewards))
+    host = to_host(labelled)  # A collective: every process takes part.
+    if self.store is not None:
+      self.store.put(batch_key, step, sampler_name, host, to_host(rewards))
     return labelled, False
 
   def init_policy_state(self, ref_params) -> TrainState:
     """The policy starts as a copy of the reference."""
-    return init_train_state(jax.tree.map(jnp.copy, ref_params), self.tx)
+    return jax.jit(lambda p: init_train_state(p, self.tx), in_shardings=(self.placement.params,),
+                   out_shardings=self.state_sharding)(ref_params)
 
   def close(self) -> None:
     self.checkpointer.close()
-    self.store.close()
+    if self.store is not None:
+      self.store.close()

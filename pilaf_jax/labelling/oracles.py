@@ -45,9 +45,9 @@ def deterministic(reward_fn: RewardFn, pairs: PairBatch, rng: jax.Array):
   return jnp.where(r[:, 0] == r[:, 1], coin, r[:, 0] > r[:, 1]), r
 
 
-def make_oracle(name: str, reward_fn: RewardFn):
-  """Jitted fn(pairs, rng) -> (a_preferred, rewards)."""
+def make_oracle(name: str, reward_fn: RewardFn) -> Callable:
+  """fn(pairs, rng) -> (a_preferred [B], rewards [B, 2]); pure, jit it where it is used."""
   if name not in ORACLES:
     raise ValueError(f'oracle.name={name!r} is unknown; allowed: {sorted(ORACLES)}.')
   fn = ORACLES[name]
-  return jax.jit(lambda pairs, rng: fn(reward_fn, pairs, rng))
+  return lambda pairs, rng: fn(reward_fn, pairs, rng)

@@ -238,8 +238,8 @@ def t_pilaf(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch
   return pairs.replace(source=source.astype(jnp.int8))
 
 
-def make_sampler(name: str, ctx: SamplerContext) -> Callable[..., PairBatch]:
-  """The named sampler, validated against ctx and jitted: fn(policy_params, ref_params, prompts, rng)."""
+def check_sampler(name: str, ctx: SamplerContext) -> SamplerFn:
+  """The named sampler function, after checking that it can run with ctx (clear errors, no work)."""
   if name not in SAMPLERS:
     raise ValueError(f'sampler.name={name!r} is unknown; allowed: {sorted(SAMPLERS)}.')
   if ctx.policy.cfg.vocab_size != ctx.ref.cfg.vocab_size:
@@ -261,6 +261,14 @@ def make_sampler(name: str, ctx: SamplerContext) -> Callable[..., PairBatch]:
           f'{ctx.settings.max_new_tokens} give {e} responses per prompt, more than '
           f'sampler.max_enumerated_responses={ctx.max_enumerated_responses}. Use a smaller task '
           f'(e.g. configs/enumerable.py) or raise that limit.')
-  fn = SAMPLERS[name]
+  return SAMPLERS[name]
+
+
+def make_sampler(name: str, ctx: SamplerContext) -> Callable[..., PairBatch]:
+  """The named sampler, checked and jitted: fn(policy_params, ref_params, prompts, rng) -> PairBatch.
+
+  (Experiment builds its own jit of check_sampler(...) with explicit shardings.)
+  """
+  fn = check_sampler(name, ctx)
   return jax.jit(lambda policy_params, ref_params, prompts, rng: fn(ctx, policy_params, ref_params,
                                                                    prompts, rng))
