@@ -28,7 +28,7 @@ from pilaf_jax.labelling.label_store import LabelStore
 from pilaf_jax.labelling.oracles import make_oracle
 from pilaf_jax.learning.dpo import dpo_step
 from pilaf_jax.learning.sft import sft_step
-from pilaf_jax.learning.train_state import TrainState, init_train_state, make_optimizer
+from pilaf_jax.learning.train_state import RunState, TrainState, init_train_state, make_optimizer
 from pilaf_jax.model.llama import Llama, LlamaConfig, init_params
 from pilaf_jax.parallel.mesh import batch_sharding, check_batch_divisible, make_mesh
 from pilaf_jax.parallel.multihost import is_main_process
@@ -277,6 +277,12 @@ class Experiment:
     """The policy starts as a copy of the reference."""
     return jax.jit(lambda p: init_train_state(p, self.tx), in_shardings=(self.placement.params,),
                    out_shardings=self.state_sharding)(ref_params)
+
+  def init_run_state(self, ref_params) -> RunState:
+    """The loop's state before any update, every leaf a global array (checkpointable on any host)."""
+    run = RunState.create(self.init_policy_state(ref_params))
+    counters = self.placement.to_global(jax.device_get((run.cost, run.labels_used)), None)
+    return run.replace(cost=counters[0], labels_used=counters[1])
 
   def close(self) -> None:
     self.checkpointer.close()

@@ -52,18 +52,19 @@ def run(config, workdir: str) -> int:
     else:
       from pilaf_jax.loops.iterative import run_iterative
       run_iterative(exp, _print)
-    counts = exp.store.counts()
+    counts = exp.store.counts() if exp.store is not None else None
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   finally:
     exp.close()
 
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  _print('\n' + format_table(rows))
-  _print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '
-         f'Wall time {timer.elapsed():.0f} s. Metrics: {os.path.join(workdir, "metrics.jsonl")}')
+  if counts is not None:  # Process 0 holds the label store and writes the metrics.
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    print('\n' + format_table(rows))
+    print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '
+          f'Wall time {timer.elapsed():.0f} s. Metrics: {os.path.join(workdir, "metrics.jsonl")}', flush=True)
   return 0
 
 

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import flax
 import jax
+import jax.numpy as jnp
 import optax
+
+from pilaf_jax.batches import SamplingCost
 
 
 @flax.struct.dataclass
@@ -24,3 +27,15 @@ def make_optimizer(learning_rate: float, warmup_steps: int, weight_decay: float 
 
 def init_train_state(params, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params))
+
+
+@flax.struct.dataclass
+class RunState:
+  """Everything a checkpoint restores besides the loop position (which lives in its JSON meta)."""
+  train: TrainState
+  cost: SamplingCost  # Cumulative over every labelled batch used so far.
+  labels_used: jax.Array  # Labelled pairs the learner has consumed.
+
+  @classmethod
+  def create(cls, train: TrainState) -> 'RunState':
+    return cls(train=train, cost=SamplingCost.zero(), labels_used=jnp.zeros((), jnp.int32))

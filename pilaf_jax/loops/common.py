@@ -5,24 +5,9 @@ import signal
 import time
 from typing import Optional
 
-import flax
 import jax
-import jax.numpy as jnp
 
-from pilaf_jax.batches import SamplingCost
-from pilaf_jax.learning.train_state import TrainState
-
-
-@flax.struct.dataclass
-class RunState:
-  """Everything a checkpoint restores besides the loop position (which lives in its JSON meta)."""
-  train: TrainState
-  cost: SamplingCost  # Cumulative over every labelled batch used so far.
-  labels_used: jax.Array  # Labelled pairs the learner has consumed.
-
-  @classmethod
-  def create(cls, train: TrainState) -> 'RunState':
-    return cls(train=train, cost=SamplingCost.zero(), labels_used=jnp.zeros((), jnp.int32))
+from pilaf_jax.learning.train_state import RunState
 
 
 class Preemption:

@@ -18,7 +18,8 @@ from pilaf_jax import checkpointing
 from pilaf_jax.batches import PreferenceBatch
 from pilaf_jax.config_validation import ConfigError
 from pilaf_jax.experiment import SHUFFLE_STREAM, Experiment
-from pilaf_jax.loops.common import Preemption, RunState, evaluation_row, progress
+from pilaf_jax.learning.train_state import RunState
+from pilaf_jax.loops.common import Preemption, evaluation_row, progress
 from pilaf_jax.metrics_writer import MetricsWriter
 
 
@@ -50,7 +51,7 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
   c = exp.config
   it = c.iterative
   ref_params = exp.reference_params(log)
-  run = RunState.create(exp.init_policy_state(ref_params))
+  run = exp.init_run_state(ref_params)
   restored = exp.checkpointer.restore_latest(run)
   position = {'iteration': 0, 'epoch': 0, 'minibatch': 0}
   step = 0

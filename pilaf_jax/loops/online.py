@@ -4,7 +4,8 @@ from __future__ import annotations
 import jax
 
 from pilaf_jax.experiment import Experiment
-from pilaf_jax.loops.common import Preemption, RunState, evaluation_row, progress
+from pilaf_jax.learning.train_state import RunState
+from pilaf_jax.loops.common import Preemption, evaluation_row, progress
 from pilaf_jax.metrics_writer import MetricsWriter
 
 
@@ -12,7 +13,7 @@ def run_online(exp: Experiment, log=print) -> list[dict]:
   """Runs (or resumes) the online loop; returns the evaluation rows of this run."""
   c = exp.config
   ref_params = exp.reference_params(log)
-  run = RunState.create(exp.init_policy_state(ref_params))
+  run = exp.init_run_state(ref_params)
   restored = exp.checkpointer.restore_latest(run)
   start = 0
   if restored is not None:
