@@ -101,6 +101,7 @@ class _ShardedStep:
 class Experiment:
   config: ml_collections.ConfigDict
   workdir: str
+  devices: Optional[list] = None  # Default: every device of every process.
 
   def __post_init__(self):
     c = self.config
@@ -111,7 +112,7 @@ class Experiment:
     self.ref_model = self.model  # The reference is the SFT model: same architecture.
     self.reward_fn = functools.partial(oracle_reward, self.world)
     try:
-      self.mesh = make_mesh(c.mesh)
+      self.mesh = make_mesh(c.mesh, self.devices)
       for field in ('dpo.batch_size', 'sft.batch_size', 'eval.batch_size'):
         section, name = field.split('.')
         check_batch_divisible(c[section][name], self.mesh, field)

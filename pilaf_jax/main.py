@@ -13,8 +13,28 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+_USER_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
+
+
+def _exit_bad_command_line(e: Exception) -> None:
+  """User mistakes (unknown fields, bad values, missing files) in one line, not a traceback."""
+  message = ' '.join(str(e).replace('\\n', '\n').replace("\\'", "'").split()).strip('\'"')
+  if isinstance(e, (KeyError, AttributeError)):  # An override of a field the config lacks.
+    name, _, hint = message.partition(' Did you mean')
+    name = name.strip('\'" ')
+    flag = next((a.split('=')[0] for a in sys.argv if a.startswith('--config.') and
+                 a.split('=')[0].endswith('.' + name)), name)
+    message = f'{flag} is not a config field' + (f' (did you mean{hint.rstrip("?")}?)' if hint else '') + \
+        '. Run with --helpfull, or see pilaf_jax/default_config.py, for the fields.'
+  print(f'error: bad command line: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default_config.py')
-_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'An ml_collections config file.')
+try:  # With a default file, config_flags applies --config.* overrides right here.
+  _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'An ml_collections config file.')
+except _USER_ERRORS as e:
+  _exit_bad_command_line(e)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, labels and metrics.')
 
 
@@ -68,6 +88,13 @@ def run(config, workdir: str) -> int:
   return 0
 
 
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except _USER_ERRORS as e:
+    _exit_bad_command_line(e)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -76,8 +103,13 @@ def main(argv) -> None:
           file=sys.stderr)
     sys.exit(2)
   logging.set_verbosity(logging.WARNING)
-  sys.exit(run(_CONFIG.value, _WORKDIR.value))
+  try:  # The config file and its overrides load lazily: force them here.
+    config = _CONFIG.value
+    config.to_dict()
+  except _USER_ERRORS as e:
+    _exit_bad_command_line(e)
+  sys.exit(run(config, _WORKDIR.value))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
