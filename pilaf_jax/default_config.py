@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Supervised fine-tuning of the reference on behaviour responses (cached in the workdir).
   c.sft = ml_collections.ConfigDict(dict(
-      steps=600, batch_size=64, learning_rate=3e-3, warmup_steps=50, weight_decay=0.0,
+      steps=300, batch_size=64, learning_rate=3e-3, warmup_steps=30, weight_decay=0.0,
       init_checkpoint='',  # A finished SFT directory to reuse instead of training (same task/model).
   ))
 

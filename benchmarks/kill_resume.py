@@ -1,0 +1,464 @@
+"""Kill/resume: does a run that is SIGKILLed at random moments and resumed end where an uninterrupted
+run ends, without losing or re-buying labels?
+
+  python benchmarks/kill_resume.py                                   # the default config, K=5 kills
+  python benchmarks/kill_resume.py --config=configs/tiny.py --kills=8 --seed=1
+  python benchmarks/kill_resume.py --steps=20 --config.loop=iterative  # --config.* passes through
+
+It runs `python -m pilaf_jax.main` twice in fresh workdirs: once uninterrupted, then once again,
+SIGKILLed K times at seeded random moments and resumed with the same command after each kill until it
+finishes. The killed run loads the uninterrupted run's SFT reference (--config.sft.init_checkpoint),
+so it pays for SFT once. Kill moments: after the launch shows its first progress (a new label batch,
+checkpoint or metrics row), a delay drawn uniformly over the loop time the uninterrupted run still
+needed from that point. Where each kill landed is read from what it left behind: an async checkpoint
+still being written ('saving'), an oracle query logged with no committed answer ('labelling'),
+nothing written yet ('startup'), else 'sampling/training' (online), or 'sampling'/'training' of an
+iteration (iterative).
+
+Printed: the kill points; labels lost (pairs of the uninterrupted run that are missing from the
+killed run's label store or differ from it; must be 0); labels queried twice (the store's
+queried_twice, and how many of those were asked again after their answer had been committed: must
+be 0; a kill between logging a query and committing its answer makes the resumed run ask once more,
+which the store counts, by design); and the largest absolute difference of the final metrics.
+
+Every launch shares one JAX persistent compilation cache (JAX_COMPILATION_CACHE_DIR, a temp dir
+unless already set), so a resumed launch loads its compiled programs instead of compiling them.
+tests/test_resume.py uses the helpers below.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# metrics.jsonl fields that measure the machine rather than the run (none today); never compared.
+VOLATILE_FIELDS = ('time', 'seconds', 'wall', 'throughput', 'per_s')
+# PairBatch fields stored per pair, compared exactly (ints, bools) or to float tolerance (floats).
+EXACT_PAIR_FIELDS = ('batch_key', 'row', 'sampler', 'prompt', 'prompt_mask', 'response_a', 'response_b',
+                     'mask_a', 'mask_b', 'source_a', 'source_b', 'a_preferred')
+FLOAT_PAIR_FIELDS = ('policy_logprobs_a', 'policy_logprobs_b', 'ref_logprobs_a', 'ref_logprobs_b',
+                     'oracle_reward_a', 'oracle_reward_b')
+
+
+# --- launching --------------------------------------------------------------------------------------
+
+def subprocess_env(cache_dir: Optional[str] = None) -> dict:
+  """The environment for every launch: one persistent compilation cache, kept for all entries."""
+  env = dict(os.environ)
+  if cache_dir and not env.get('JAX_COMPILATION_CACHE_DIR'):
+    env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
+  env.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  env.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+  env['PYTHONPATH'] = REPO + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
+  return env
+
+
+def main_command(workdir: str, config: Optional[str], overrides: Sequence[str] = ()) -> list[str]:
+  cmd = [sys.executable, '-m', 'pilaf_jax.main', f'--workdir={workdir}']
+  if config:
+    cmd.append(f'--config={config}')
+  return cmd + list(overrides)
+
+
+@dataclasses.dataclass
+class State:
+  """What a run has left in its workdir, read without disturbing it."""
+  queried_keys: tuple = ()  # batch_key of every logged query, in order.
+  batch_keys: frozenset = frozenset()  # Committed labelled batches.
+  checkpoints: tuple = ()  # Finished checkpoint steps.
+  saving: tuple = ()  # Checkpoint directories still being written (orbax temporaries).
+  metrics_bytes: int = 0
+
+  @property
+  def batches(self) -> int:
+    return len(self.batch_keys)
+
+  @property
+  def queries(self) -> int:
+    return len(self.queried_keys)
+
+  def pending_since(self, before: 'State') -> list[str]:
+    """Queries logged after `before` whose answer is not committed (asked, answer lost if killed)."""
+    return [k for k in self.queried_keys[before.queries:] if k not in self.batch_keys]
+
+
+class StateReader:
+  """Reads a workdir's State repeatedly (one read-only SQLite connection: cheap enough to poll every
+  few milliseconds; in WAL mode every query sees the latest commit and never blocks the writer)."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self._db = None
+
+  def _connection(self) -> Optional[sqlite3.Connection]:
+    if self._db is None:
+      path = os.path.join(self.workdir, 'labels.sqlite')
+      if not os.path.exists(path):
+        return None
+      self._db = sqlite3.connect(f'file:{path}?mode=ro', uri=True, timeout=1.0)
+    return self._db
+
+  def read(self) -> State:
+    queried, batches = (), frozenset()
+    for _ in range(20):
+      try:
+        db = self._connection()
+        if db is not None:
+          queried = tuple(r[0] for r in db.execute('SELECT batch_key FROM oracle_queries ORDER BY id'))
+          batches = frozenset(r[0] for r in db.execute('SELECT batch_key FROM batches'))
+        break
+      except sqlite3.Error:  # Tables not created yet, or busy for a moment: try again.
+        self.close()
+        time.sleep(0.005)
+    steps, saving = [], []
+    ckpt_dir = os.path.join(self.workdir, 'checkpoints')
+    if os.path.isdir(ckpt_dir):
+      for name in os.listdir(ckpt_dir):
+        if name.isdigit():
+          steps.append(int(name))
+        elif 'tmp' in name:
+          saving.append(name)
+    metrics = os.path.join(self.workdir, 'metrics.jsonl')
+    size = os.path.getsize(metrics) if os.path.exists(metrics) else 0
+    return State(queried, batches, tuple(sorted(steps)), tuple(sorted(saving)), size)
+
+  def close(self) -> None:
+    if self._db is not None:
+      self._db.close()
+      self._db = None
+
+
+def read_state(workdir: str) -> State:
+  reader = StateReader(workdir)
+  try:
+    return reader.read()
+  finally:
+    reader.close()
+
+
+@dataclasses.dataclass
+class Launch:
+  """One process of a run: how it ended and where a kill landed."""
+  rc: Optional[int]
+  killed: bool  # A signal was sent while it ran (False: it had finished first).
+  seconds: float
+  phase: str
+  before: State
+  at_kill: Optional[State]
+  after: State
+  log: str
+  first_progress_s: Optional[float] = None  # Seconds from launch to its first new label/checkpoint.
+
+  @property
+  def pending(self) -> list[str]:
+    """Oracle queries this launch logged whose answers it never committed."""
+    return self.after.pending_since(self.before)
+
+
+def infer_phase(before: State, after: State, log: str, loop: str, chunks: int = 0) -> str:
+  """Where a killed process was, from what it left behind."""
+  pending = after.pending_since(before)
+  progressed = (after.batch_keys != before.batch_keys or after.checkpoints != before.checkpoints
+                or after.queries != before.queries or set(after.saving) - set(before.saving))
+  if pending:
+    where = f'labelling ({pending[-1]}: query logged, answer not committed)'
+  elif not progressed:
+    where = ('startup (restore, compile, evaluation)' if 'Resuming' in log or 'Reference policy' in log
+             else 'startup (imports, reference)')
+  elif loop == 'iterative' and chunks:
+    latest = max(after.batch_keys)  # 'iterationIII/chunkCCCCC' sorts by iteration, then chunk.
+    iteration = latest.split('/')[0]
+    done = sum(k.startswith(iteration + '/') for k in after.batch_keys)
+    where = (f'sampling ({iteration}, {done}/{chunks} chunks labelled)' if done < chunks else
+             f'training ({iteration}, checkpoint step {max(after.checkpoints, default=0)} done)')
+  else:
+    where = (f'sampling/training (batch {max(after.batch_keys, default="-")} labelled, '
+             f'checkpoint step {max(after.checkpoints, default=0)} done)')
+  saving = sorted(set(after.saving) - set(before.saving))
+  if saving:
+    return f'saving (async checkpoint {saving[-1].split(".")[0]} in flight) during {where}'
+  return where
+
+
+def launch(cmd: Sequence[str], workdir: str, log_path: str, env: dict, *,
+           kill_when: Optional[Callable[[State, float], bool]] = None,
+           kill_after_progress: Optional[float] = None, sig: int = signal.SIGKILL,
+           loop: str = 'online', chunks: int = 0, poll_s: float = 0.003,
+           timeout_s: float = 1800.0) -> Launch:
+  """Runs cmd once. With kill_when(state, seconds_since_launch) or kill_after_progress (seconds after
+  the first new batch, checkpoint or metrics row of this launch), sends `sig` as soon as it holds."""
+  before = read_state(workdir)
+  start = time.monotonic()
+  first_progress = None
+  at_kill = None
+  reader = StateReader(workdir)
+  with open(log_path, 'w') as log_file:
+    proc = subprocess.Popen(list(cmd), cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+      watching = kill_when is not None or kill_after_progress is not None
+      while proc.poll() is None:
+        now = time.monotonic() - start
+        if now > timeout_s:
+          proc.kill()
+          raise TimeoutError(f'{" ".join(cmd)} ran longer than {timeout_s} s; log: {log_path}')
+        if not watching:
+          time.sleep(0.05)
+          continue
+        state = reader.read()
+        if first_progress is None and (state.batch_keys != before.batch_keys
+                                       or set(state.checkpoints) - set(before.checkpoints)
+                                       or set(state.saving) - set(before.saving)
+                                       or state.queries != before.queries):
+          first_progress = now
+        fire = (kill_when is not None and kill_when(state, now)) or (
+            kill_after_progress is not None and first_progress is not None
+            and now - first_progress >= kill_after_progress)
+        if fire and proc.poll() is None:
+          proc.send_signal(sig)
+          at_kill = state
+          break
+        time.sleep(poll_s)
+      rc = proc.wait(timeout=timeout_s)
+    finally:
+      reader.close()
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  seconds = time.monotonic() - start
+  with open(log_path) as f:
+    log = f.read()
+  after = read_state(workdir)
+  killed = at_kill is not None
+  if not killed:
+    phase = 'finished before the kill' if rc == 0 else f'exited with status {rc}'
+  elif sig != signal.SIGKILL:
+    phase = f'signal {signal.Signals(sig).name}, exit status {rc}'
+  else:
+    phase = infer_phase(before, after, log, loop, chunks)
+  return Launch(rc, killed, seconds, phase, before, at_kill, after, log, first_progress)
+
+
+def finished(workdir: str, launch_result: Launch) -> bool:
+  return launch_result.rc == 0 and 'Labels:' in launch_result.log
+
+
+# --- comparing ----------------------------------------------------------------------------------------
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [{k: v for k, v in row.items() if not any(w in k for w in VOLATILE_FIELDS)} for row in rows]
+
+
+def metrics_difference(expected: list[dict], actual: list[dict], rel: float = 1e-4,
+                       abs_tol: float = 1e-6) -> tuple[float, list[str]]:
+  """(largest absolute difference over every numeric field, descriptions of mismatches)."""
+  problems, largest = [], 0.0
+  if [r.get('step') for r in expected] != [r.get('step') for r in actual]:
+    problems.append(f'steps differ: {[r.get("step") for r in expected]} vs {[r.get("step") for r in actual]}')
+    return math.inf, problems
+  for a, b in zip(expected, actual):
+    if set(a) != set(b):
+      problems.append(f'step {a.get("step")}: fields differ: {sorted(set(a) ^ set(b))}')
+    for key in sorted(set(a) & set(b)):
+      x, y = a[key], b[key]
+      if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+        largest = max(largest, abs(float(x) - float(y)))
+        if isinstance(x, int) and isinstance(y, int):
+          ok = x == y
+        else:
+          ok = math.isclose(x, y, rel_tol=rel, abs_tol=abs_tol)
+      else:
+        ok = x == y
+      if not ok:
+        problems.append(f'step {a.get("step")}: {key} {x!r} != {y!r}')
+  return largest, problems
+
+
+def store_rows(workdir: str) -> dict:
+  """{(batch_key, row): pair dict} of a finished run's label store, through LabelStore.iter_rows."""
+  from pilaf_jax.labelling.label_store import LabelStore
+  path = os.path.join(workdir, 'labels.sqlite')
+  db = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+  try:  # The store's own fingerprint: reading must never be refused.
+    fingerprint = json.loads(db.execute("SELECT value FROM meta WHERE key='fingerprint'").fetchone()[0])
+  finally:
+    db.close()
+  store = LabelStore(path, fingerprint)
+  try:
+    rows = {(r['batch_key'], r['row']): r for r in store.iter_rows()}
+    counts = store.counts()
+  finally:
+    store.close()
+  return {'rows': rows, 'counts': counts}
+
+
+def labels_lost(expected: dict, actual: dict, rel: float = 1e-5) -> list[str]:
+  """Pairs of `expected` that are missing from `actual` or differ there (by field)."""
+  lost = []
+  for key, a in expected.items():
+    b = actual.get(key)
+    if b is None:
+      lost.append(f'{key}: missing')
+      continue
+    bad = [f for f in EXACT_PAIR_FIELDS if a[f] != b[f]]
+    for f in FLOAT_PAIR_FIELDS:
+      x, y = a[f], b[f]
+      xs, ys = (x, y) if isinstance(x, list) else ([x], [y])
+      if len(xs) != len(ys) or any(not math.isclose(u, v, rel_tol=rel, abs_tol=1e-6) for u, v in zip(xs, ys)):
+        bad.append(f)
+    if bad:
+      lost.append(f'{key}: differs in {bad}')
+  return lost
+
+
+def requeried_after_commit(workdir: str) -> int:
+  """Oracle queries logged for a batch whose answer was already committed: labels bought twice."""
+  db = sqlite3.connect(f'file:{os.path.join(workdir, "labels.sqlite")}?mode=ro', uri=True)
+  try:
+    return db.execute('SELECT COUNT(*) FROM oracle_queries q JOIN batches b USING (batch_key) '
+                      'WHERE q.time > b.time').fetchone()[0]
+  finally:
+    db.close()
+
+
+# --- the benchmark ------------------------------------------------------------------------------------
+
+def _override(overrides: Sequence[str], name: str, default):
+  for o in overrides:
+    if o.startswith(f'--config.{name}='):
+      return o.split('=', 1)[1]
+  return default
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', default=None, help='config file (default: the embedded default)')
+  parser.add_argument('--kills', type=int, default=5, help='SIGKILLs (K)')
+  parser.add_argument('--seed', type=int, default=0, help='seeds the kill moments')
+  parser.add_argument('--steps', type=int, default=None,
+                      help='online.steps (online loop) or iterative.iterations (iterative loop)')
+  parser.add_argument('--workdir', default=None, help='where both runs go (default: a temp dir, removed)')
+  parser.add_argument('--keep', action='store_true', help='keep the temp dir')
+  args, overrides = parser.parse_known_args(argv)
+  bad = [o for o in overrides if not o.startswith('--config.')]
+  if bad:
+    parser.error(f'unknown arguments {bad} (only --config.<field>=<value> passes through)')
+
+  import importlib.util
+  path = args.config or os.path.join(REPO, 'pilaf_jax', 'default_config.py')
+  spec = importlib.util.spec_from_file_location('_kill_resume_config', path)
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, REPO)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  loop = _override(overrides, 'loop', cfg.loop)
+  chunks = (int(_override(overrides, 'iterative.prompts_per_iteration', cfg.iterative.prompts_per_iteration))
+            // int(_override(overrides, 'dpo.batch_size', cfg.dpo.batch_size)))
+  if args.steps is not None:
+    overrides.append(f'--config.{"online.steps" if loop == "online" else "iterative.iterations"}='
+                     f'{args.steps}')
+
+  root = args.workdir or tempfile.mkdtemp(prefix='kill_resume_')
+  os.makedirs(root, exist_ok=True)
+  env = subprocess_env(os.path.join(root, 'jax_cache'))
+  ref_dir, timing_dir, killed_dir = (os.path.join(root, d) for d in ('uninterrupted', 'timing', 'killed'))
+  for d in (ref_dir, timing_dir, killed_dir):
+    shutil.rmtree(d, ignore_errors=True)
+  print(f'kill_resume: config={args.config or "<default>"} {" ".join(overrides)} loop={loop} '
+        f'kills={args.kills} seed={args.seed} workdir={root}', flush=True)
+
+  # 1. Uninterrupted (it trains the SFT reference that the other runs load).
+  t0 = time.monotonic()
+  ref = launch(main_command(ref_dir, args.config, overrides), ref_dir, os.path.join(root, 'uninterrupted.log'),
+               env)
+  if not finished(ref_dir, ref):
+    print(ref.log[-3000:])
+    print(f'error: the uninterrupted run failed (status {ref.rc})')
+    return 1
+  total_steps = max(ref.after.checkpoints)
+  print(f'uninterrupted: {ref.seconds:.1f} s, {ref.after.batches} label batches, final step {total_steps}',
+        flush=True)
+  reuse_reference = [f'--config.sft.init_checkpoint={os.path.join(ref_dir, "reference")}']
+
+  # 2. The same again with the compiled programs cached: how long the loop itself takes (the kill
+  # moments are drawn over it), and a check that a second process computes the same run.
+  timing = launch(main_command(timing_dir, args.config, overrides + reuse_reference), timing_dir,
+                  os.path.join(root, 'timing.log'), env, kill_when=lambda s, t: False, poll_s=0.01)
+  if not finished(timing_dir, timing):
+    print(timing.log[-3000:])
+    print(f'error: the timing run failed (status {timing.rc})')
+    return 1
+  loop_s = timing.seconds - (timing.first_progress_s or 0.0)
+  same, _ = metrics_difference(read_metrics(ref_dir), read_metrics(timing_dir))
+  print(f'second uninterrupted run (warm): {timing.seconds:.1f} s, of which {loop_s:.1f} s after its first '
+        f'oracle query; largest metric difference to the first: {same:.3g}', flush=True)
+
+  # 3. Killed at K random moments, resumed each time, then run to the end.
+  rng = random.Random(args.seed)
+  cmd = main_command(killed_dir, args.config, overrides + reuse_reference)
+  launches = []
+  for k in range(args.kills):
+    done = max(read_state(killed_dir).checkpoints, default=0)
+    delay = rng.random() * loop_s * max(1.0 - done / total_steps, 0.05)
+    result = launch(cmd, killed_dir, os.path.join(root, f'killed_{k}.log'), env, kill_after_progress=delay,
+                    loop=loop, chunks=chunks)
+    launches.append(result)
+    where = (f'{result.phase}; store {result.after.batches} batches, checkpoints '
+             f'{list(result.after.checkpoints)}')
+    when = f'{result.first_progress_s + delay:.2f} s' if result.first_progress_s is not None else '-'
+    print(f'kill {k + 1}: {delay:.2f} s after first progress (launch +{when}): {where}', flush=True)
+    if not result.killed and not finished(killed_dir, result):
+      print(result.log[-3000:])
+      print(f'error: a launch of the killed run failed (status {result.rc})')
+      return 1
+  final = launch(cmd, killed_dir, os.path.join(root, 'killed_final.log'), env)
+  if not finished(killed_dir, final):
+    print(final.log[-3000:])
+    print(f'error: the final resume failed (status {final.rc})')
+    return 1
+  resumes = sum(r.killed for r in launches)
+
+  # 4. Compare.
+  expected, actual = store_rows(ref_dir), store_rows(killed_dir)
+  lost = labels_lost(expected['rows'], actual['rows'])
+  extra = sorted(set(actual['rows']) - set(expected['rows']))
+  largest, problems = metrics_difference(read_metrics(ref_dir), read_metrics(killed_dir))
+  lost_answers = sum(len(r.pending) for r in launches)
+  twice_after_commit = requeried_after_commit(killed_dir)
+  print()
+  print(f'kill points tried: {args.kills} ({resumes} landed while running, '
+        f'{args.kills - resumes} after it had finished)')
+  for k, r in enumerate(launches):
+    print(f'  {k + 1}. {r.phase}')
+  print(f'labels lost: {len(lost)} of {len(expected["rows"])} pairs'
+        + (f' (e.g. {lost[:3]})' if lost else '') + (f'; {len(extra)} extra pairs' if extra else ''))
+  print(f'labels queried twice: {actual["counts"]["queried_twice"]} pairs (queried_pairs '
+        f'{actual["counts"]["queried_pairs"]}, labelled_pairs {actual["counts"]["labelled_pairs"]}); '
+        f'kills between logging a query and committing its answer: {lost_answers}; queries asked again '
+        f'after their answer was committed: {twice_after_commit}')
+  print(f'largest absolute difference of the final metrics vs the uninterrupted run: {largest:.3g}'
+        + (f' ({len(problems)} fields beyond tolerance, e.g. {problems[:3]})' if problems else ''))
+  print(f'time: uninterrupted {ref.seconds:.0f} s, second {timing.seconds:.0f} s, killed run {sum(r.seconds for r in launches) + final.seconds:.0f} s '
+        f'over {len(launches) + 1} launches; total {time.monotonic() - t0:.0f} s')
+  if not args.workdir and not args.keep:
+    shutil.rmtree(root, ignore_errors=True)
+  ok = not lost and not extra and not problems and twice_after_commit == 0
+  return 0 if ok else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
