@@ -8,6 +8,7 @@ Every host runs the same command; jax.distributed finds the other hosts from the
 (coordinator 'auto'). Memory figures are in docs/scale_out.md.
 """
 from pilaf_jax import default_config
+from pilaf_jax.model import presets
 
 
 def get_config():
@@ -23,19 +24,10 @@ def get_config():
   # Llama-3.1-8B. Activations and matmuls in bfloat16; parameters in float32 because AdamW updates
   # at DPO learning rates (~5e-7 relative to weights of ~1e-2) are far below bfloat16's resolution
   # (2^-8 relative) and would round to no change. Optimizer moments follow the params (float32).
-  c.model.vocab_size = 128_256
-  c.model.hidden_size = 4096
-  c.model.intermediate_size = 14_336
-  c.model.num_layers = 32
-  c.model.num_heads = 32
-  c.model.num_kv_heads = 8
-  c.model.head_dim = 0  # 4096 / 32 = 128.
-  c.model.rope_theta = 500_000.0
-  c.model.rms_norm_eps = 1e-5
-  c.model.tie_embeddings = False
-  c.model.attention_bias = False
+  c.model.update(presets.LLAMA3_8B)
   c.model.dtype = 'bfloat16'
   c.model.param_dtype = 'float32'
+  c.model.remat = True  # Without it the DPO step's activations do not fit (docs/scale_out.md).
 
   # The reference is an SFT'd Llama-3.1-8B loaded from a checkpoint rather than trained here.
   c.sft.batch_size = 64

@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=64, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
       num_kv_heads=2, head_dim=0, rope_theta=10_000.0, rms_norm_eps=1e-5, tie_embeddings=False,
-      attention_bias=False, dtype='float32', param_dtype='float32'))
+      attention_bias=False, remat=False, dtype='float32', param_dtype='float32'))
 
   # Supervised fine-tuning of the reference on behaviour responses (cached in the workdir).
   c.sft = ml_collections.ConfigDict(dict(

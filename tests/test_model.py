@@ -71,3 +71,15 @@ def test_llama3_8b_parameter_count():
 def test_bad_head_configuration():
   with pytest.raises(ValueError, match='num_kv_heads'):
     LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=2)
+
+
+def test_remat_gives_the_same_gradients():
+  from pilaf_jax.model.scoring import response_logprobs
+  model, params = tiny_model(0, vocab=11, scale=2.0)
+  remat_model, _ = tiny_model(0, vocab=11, scale=2.0, remat=True)
+  prompts = prompt_batch(3, length=4, vocab=11)
+  responses, mask = jnp.array([[3, 4, 5], [5, 6, 7], [8, 9, 10]]), jnp.ones((3, 3), bool)
+  grad = lambda m: jax.grad(lambda p: response_logprobs(m, p, prompts.tokens, prompts.mask, responses,
+                                                        mask).sum())(params)
+  for a, b in zip(jax.tree.leaves(grad(model)), jax.tree.leaves(grad(remat_model))):
+    np.testing.assert_allclose(a, b, atol=1e-6)

@@ -33,6 +33,7 @@ class LlamaConfig:
   rms_norm_eps: float = 1e-5
   tie_embeddings: bool = False
   attention_bias: bool = False  # Qwen2 uses q/k/v biases.
+  remat: bool = False  # Recompute each layer's activations in the backward pass (large models).
   dtype: str = 'float32'  # Activations.
   param_dtype: str = 'float32'
 
@@ -199,9 +200,10 @@ class Llama(nn.Module):
       keys_valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
       cache_index = cache.index
     new_k, new_v = [], []
+    layer = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
     for i in range(cfg.num_layers):
       layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = DecoderLayer(cfg, name=f'layers_{i}')(x, positions, keys_valid, layer_kv, cache_index)
+      x, kv = layer(cfg, name=f'layers_{i}')(x, positions, keys_valid, layer_kv, cache_index)
       if cache is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])

@@ -68,6 +68,23 @@ class Rollout:
   steps: jax.Array  # Decode steps run (< R when every row ended early).
 
 
+def layout_logprobs(layout: RowLayout, lp_pol: Optional[jax.Array], lp_ref: Optional[jax.Array],
+                    mix_coef: jax.Array) -> jax.Array:
+  """The sampling distribution of every row, [N, V]: the policy's, the mixture's, the reference's.
+
+  lp_pol covers the policy rows (policy-only then mixed), lp_ref the reference rows (mixed then
+  reference-only).
+  """
+  parts = []
+  if layout.policy_only:
+    parts.append(lp_pol[:layout.policy_only])
+  if layout.mixed:
+    parts.append(mix_logits(lp_pol[layout.policy_only:], lp_ref[:layout.mixed], mix_coef))
+  if layout.ref_only:
+    parts.append(lp_ref[layout.mixed:])
+  return jnp.concatenate(parts, axis=0)
+
+
 def _prefill(model: Llama, params, prompts: PromptBatch, positions, slots: int):
   cache = KVCache.zeros(model.cfg, prompts.size, slots)
   logits, cache = model.apply({'params': params}, prompts.tokens, positions, prompts.mask, cache)
@@ -102,22 +119,12 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
   if run_ref:
     ref_logits, ref_cache = _prefill(ref, ref_params, prompts.take(ref_rows), positions[ref_rows], slots)
 
-  def sampling_logprobs(lp_pol, lp_ref):
-    parts = []
-    if layout.policy_only:
-      parts.append(lp_pol[:layout.policy_only])
-    if layout.mixed:
-      parts.append(mix_logits(lp_pol[layout.policy_only:], lp_ref[:layout.mixed], mix_coef))
-    if layout.ref_only:
-      parts.append(lp_ref[layout.mixed:])
-    return jnp.concatenate(parts, axis=0)
-
   def body(carry):
     t, done, pol_logits, pol_cache, ref_logits, ref_cache, out = carry
     lp_pol = masked_log_softmax(pol_logits, allowed_tokens) if run_policy else None
     lp_ref = masked_log_softmax(ref_logits, allowed_tokens) if run_ref else None
-    logits = filter_logits(sampling_logprobs(lp_pol, lp_ref), settings.temperature, settings.top_k,
-                           settings.top_p)
+    logits = filter_logits(layout_logprobs(layout, lp_pol, lp_ref, mix_coef), settings.temperature,
+                           settings.top_k, settings.top_p)
     token = jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1).astype(jnp.int32)
     token = jnp.where(done, settings.pad_id, token)
     valid = ~done

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from pilaf_jax.batches import PromptBatch
 from pilaf_jax.model.llama import Llama
 from pilaf_jax.model.scoring import masked_log_softmax
-from pilaf_jax.sampling.decode import DecodeSettings, Rollout, RowLayout
-from pilaf_jax.sampling.mixing import filter_logits, mix_logits
+from pilaf_jax.sampling.decode import DecodeSettings, Rollout, RowLayout, layout_logprobs
+from pilaf_jax.sampling.mixing import filter_logits
 
 
 def _token_logprob(logprobs: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -64,16 +64,6 @@ def decode_uncached(policy: Llama, ref: Llama, policy_params, ref_params, prompt
   pol_rows, ref_rows = layout.policy_rows, layout.ref_rows
   run_policy, run_ref = layout.policy_only + layout.mixed > 0, layout.mixed + layout.ref_only > 0
 
-  def sampling_logprobs(lp_pol, lp_ref):
-    parts = []
-    if layout.policy_only:
-      parts.append(lp_pol[:layout.policy_only])
-    if layout.mixed:
-      parts.append(mix_logits(lp_pol[layout.policy_only:], lp_ref[:layout.mixed], mix_coef))
-    if layout.ref_only:
-      parts.append(lp_ref[layout.mixed:])
-    return jnp.concatenate(parts, axis=0)
-
   def make_body(length: int):
     """One decode step that feeds the first `length` buffer slots to each model."""
     def body(carry):
@@ -90,8 +80,8 @@ def decode_uncached(policy: Llama, ref: Llama, policy_params, ref_params, prompt
       if run_ref:
         lp_ref = masked_log_softmax(_next_token_logits(ref, ref_params, tokens[ref_rows],
                                                        valid[ref_rows], slot), allowed_tokens)
-      logits = filter_logits(sampling_logprobs(lp_pol, lp_ref), settings.temperature, settings.top_k,
-                             settings.top_p)
+      logits = filter_logits(layout_logprobs(layout, lp_pol, lp_ref, mix_coef), settings.temperature,
+                             settings.top_k, settings.top_p)
       token = jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1).astype(jnp.int32)
       token = jnp.where(done, settings.pad_id, token)
       live = ~done
