@@ -30,7 +30,7 @@ def worker(devices: int, batch: int, steps: int, mesh: str) -> dict:
 
   c = default_config.get_config()
   c.dpo.batch_size = batch
-  c.mesh.update(zip(('data', 'fsdp', 'tensor'), map(int, mesh.split(','))))
+  c.mesh.update(dict(zip(('data', 'fsdp', 'tensor'), map(int, mesh.split(',')))))
   exp = Experiment(c, tempfile.mkdtemp())
   init = jax.jit(lambda rng: init_params(exp.model.cfg, rng), out_shardings=exp.placement.params)
   ref = init(jax.random.key(0))

@@ -5,15 +5,18 @@ run ends, without losing or re-buying labels?
   python benchmarks/kill_resume.py --config=configs/tiny.py --kills=8 --seed=1
   python benchmarks/kill_resume.py --steps=20 --config.loop=iterative  # --config.* passes through
 
-It runs `python -m pilaf_jax.main` twice in fresh workdirs: once uninterrupted, then once again,
-SIGKILLed K times at seeded random moments and resumed with the same command after each kill until it
-finishes. The killed run loads the uninterrupted run's SFT reference (--config.sft.init_checkpoint),
-so it pays for SFT once. Kill moments: after the launch shows its first progress (a new label batch,
-checkpoint or metrics row), a delay drawn uniformly over the loop time the uninterrupted run still
-needed from that point. Where each kill landed is read from what it left behind: an async checkpoint
-still being written ('saving'), an oracle query logged with no committed answer ('labelling'),
-nothing written yet ('startup'), else 'sampling/training' (online), or 'sampling'/'training' of an
-iteration (iterative).
+It runs `python -m pilaf_jax.main` in three fresh workdirs: (1) uninterrupted; (2) uninterrupted
+again, loading (1)'s SFT reference and compiled programs, to time the loop itself and to check that
+a second process computes the same run; (3) the killed run: SIGKILLed K times and resumed with the
+same command after each kill, then run to the end (it too loads (1)'s reference).
+
+Kill moments: K points drawn uniformly (seeded) over (2)'s loop time, in order; each launch, which
+resumes from its newest checkpoint (about step/total of the way through that time), is killed when
+it reaches the next point, counted from its first progress (a new oracle query, label batch or
+checkpoint); at once if it is already past it. Where each kill landed is read from what it left
+behind: an async checkpoint still being written ('saving', alongside whatever the loop was doing),
+an oracle query logged with no committed answer ('labelling'), nothing written yet ('startup'),
+else 'sampling/training' (online) or 'sampling'/'training' of an iteration (iterative).
 
 Printed: the kill points; labels lost (pairs of the uninterrupted run that are missing from the
 killed run's label store or differ from it; must be 0); labels queried twice (the store's
@@ -79,7 +82,6 @@ class State:
   batch_keys: frozenset = frozenset()  # Committed labelled batches.
   checkpoints: tuple = ()  # Finished checkpoint steps.
   saving: tuple = ()  # Checkpoint directories still being written (orbax temporaries).
-  metrics_bytes: int = 0
 
   @property
   def batches(self) -> int:
@@ -130,9 +132,7 @@ class StateReader:
           steps.append(int(name))
         elif 'tmp' in name:
           saving.append(name)
-    metrics = os.path.join(self.workdir, 'metrics.jsonl')
-    size = os.path.getsize(metrics) if os.path.exists(metrics) else 0
-    return State(queried, batches, tuple(sorted(steps)), tuple(sorted(saving)), size)
+    return State(queried, batches, tuple(sorted(steps)), tuple(sorted(saving)))
 
   def close(self) -> None:
     if self._db is not None:
@@ -167,6 +167,10 @@ class Launch:
     return self.after.pending_since(self.before)
 
 
+def _newest(state: State) -> str:
+  return f'checkpoint {max(state.checkpoints)} done' if state.checkpoints else 'no checkpoint yet'
+
+
 def infer_phase(before: State, after: State, log: str, loop: str, chunks: int = 0) -> str:
   """Where a killed process was, from what it left behind."""
   pending = after.pending_since(before)
@@ -182,10 +186,9 @@ def infer_phase(before: State, after: State, log: str, loop: str, chunks: int = 
     iteration = latest.split('/')[0]
     done = sum(k.startswith(iteration + '/') for k in after.batch_keys)
     where = (f'sampling ({iteration}, {done}/{chunks} chunks labelled)' if done < chunks else
-             f'training ({iteration}, checkpoint step {max(after.checkpoints, default=0)} done)')
+             f'training ({iteration}, {_newest(after)})')
   else:
-    where = (f'sampling/training (batch {max(after.batch_keys, default="-")} labelled, '
-             f'checkpoint step {max(after.checkpoints, default=0)} done)')
+    where = f'sampling/training (batch {max(after.batch_keys, default="-")} labelled, {_newest(after)})'
   saving = sorted(set(after.saving) - set(before.saving))
   if saving:
     return f'saving (async checkpoint {saving[-1].split(".")[0]} in flight) during {where}'
@@ -197,8 +200,10 @@ def launch(cmd: Sequence[str], workdir: str, log_path: str, env: dict, *,
            kill_after_progress: Optional[float] = None, sig: int = signal.SIGKILL,
            loop: str = 'online', chunks: int = 0, poll_s: float = 0.003,
            timeout_s: float = 1800.0) -> Launch:
-  """Runs cmd once. With kill_when(state, seconds_since_launch) or kill_after_progress (seconds after
-  the first new batch, checkpoint or metrics row of this launch), sends `sig` as soon as it holds."""
+  """Runs cmd once (cwd: the repository root; output to log_path). With kill_when(state,
+  seconds_since_launch) or kill_after_progress (seconds after this launch's first progress: a new
+  oracle query, label batch or checkpoint), sends `sig` as soon as that holds. The workdir is polled
+  every poll_s seconds, so the signal lands within a few milliseconds of the condition."""
   before = read_state(workdir)
   start = time.monotonic()
   first_progress = None
@@ -240,7 +245,8 @@ def launch(cmd: Sequence[str], workdir: str, log_path: str, env: dict, *,
   with open(log_path) as f:
     log = f.read()
   after = read_state(workdir)
-  killed = at_kill is not None
+  # A process that exited between the last poll and the signal was not killed.
+  killed = at_kill is not None and not (sig == signal.SIGKILL and rc == 0)
   if not killed:
     phase = 'finished before the kill' if rc == 0 else f'exited with status {rc}'
   elif sig != signal.SIGKILL:
@@ -383,8 +389,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   # 1. Uninterrupted (it trains the SFT reference that the other runs load).
   t0 = time.monotonic()
-  ref = launch(main_command(ref_dir, args.config, overrides), ref_dir, os.path.join(root, 'uninterrupted.log'),
-               env)
+  ref = launch(main_command(ref_dir, args.config, overrides), ref_dir,
+               os.path.join(root, 'uninterrupted.log'), env)
   if not finished(ref_dir, ref):
     print(ref.log[-3000:])
     print(f'error: the uninterrupted run failed (status {ref.rc})')
@@ -403,17 +409,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'error: the timing run failed (status {timing.rc})')
     return 1
   loop_s = timing.seconds - (timing.first_progress_s or 0.0)
-  same, _ = metrics_difference(read_metrics(ref_dir), read_metrics(timing_dir))
+  same, same_problems = metrics_difference(read_metrics(ref_dir), read_metrics(timing_dir))
   print(f'second uninterrupted run (warm): {timing.seconds:.1f} s, of which {loop_s:.1f} s after its first '
         f'oracle query; largest metric difference to the first: {same:.3g}', flush=True)
 
   # 3. Killed at K random moments, resumed each time, then run to the end.
+  # Kill moments: K points drawn uniformly over the uninterrupted loop's time, in order. A launch
+  # resumes from its newest checkpoint, i.e. about (step / total steps) of the way through that time,
+  # and is killed when it reaches its point (at once if it is already past it).
   rng = random.Random(args.seed)
+  targets = sorted(rng.uniform(0.0, loop_s) for _ in range(args.kills))
   cmd = main_command(killed_dir, args.config, overrides + reuse_reference)
   launches = []
-  for k in range(args.kills):
+  for k, target in enumerate(targets):
     done = max(read_state(killed_dir).checkpoints, default=0)
-    delay = rng.random() * loop_s * max(1.0 - done / total_steps, 0.05)
+    delay = max(target - done / total_steps * loop_s, 0.0)
     result = launch(cmd, killed_dir, os.path.join(root, f'killed_{k}.log'), env, kill_after_progress=delay,
                     loop=loop, chunks=chunks)
     launches.append(result)
@@ -452,11 +462,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f'after their answer was committed: {twice_after_commit}')
   print(f'largest absolute difference of the final metrics vs the uninterrupted run: {largest:.3g}'
         + (f' ({len(problems)} fields beyond tolerance, e.g. {problems[:3]})' if problems else ''))
-  print(f'time: uninterrupted {ref.seconds:.0f} s, second {timing.seconds:.0f} s, killed run {sum(r.seconds for r in launches) + final.seconds:.0f} s '
+  killed_s = sum(r.seconds for r in launches) + final.seconds
+  print(f'time: uninterrupted {ref.seconds:.0f} s, second {timing.seconds:.0f} s, killed run {killed_s:.0f} s '
         f'over {len(launches) + 1} launches; total {time.monotonic() - t0:.0f} s')
   if not args.workdir and not args.keep:
     shutil.rmtree(root, ignore_errors=True)
-  ok = not lost and not extra and not problems and twice_after_commit == 0
+  ok = not lost and not extra and not problems and not same_problems and twice_after_commit == 0
   return 0 if ok else 1
 
 

@@ -58,17 +58,23 @@ class Checkpointer:
     target: a pytree of arrays or jax.ShapeDtypeStruct with shardings: restored leaves take them.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    unreadable, result = [], None
     for step in reversed(self.all_steps()):
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return step, restored['state'], dict(restored['meta'])
+        result = step, restored['state'], dict(restored['meta'])
+        break
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('Checkpoint %s/%d is unreadable (%s: %s); falling back to an older one.',
                         self.directory, step, type(e).__name__, str(e)[:200])
         print(f'warning: checkpoint step {step} in {self.directory} is corrupt or partial '
               f'({type(e).__name__}); falling back to an older one.', flush=True)
-    return None
+        unreadable.append(step)
+    # Remove what could not be read, so that the resumed run saves those steps afresh.
+    for step in unreadable:
+      self._manager.delete(step)
+    return result
 
 
 def read_latest_meta(directory: str) -> Optional[tuple[int, dict]]:

@@ -52,24 +52,44 @@ def versions() -> dict:
           'processes': jax.process_count()}
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a workdir that holds a run of another config; writes config.json and versions.json."""
-  os.makedirs(workdir, exist_ok=True)
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a workdir that holds a run of another config, naming the differing fields.
+
+  A field the saved config lacks (added to the code since) matches when it has its default value.
+  """
   path = os.path.join(workdir, 'config.json')
-  current = config_validation.fingerprint(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f).get('fingerprint', {})
-    diff = config_validation.differing_fields(saved, current)
-    if diff:
-      raise ConfigError(f'The workdir {workdir} holds a run of another config. Use a fresh --workdir, or '
-                        'run with the saved config (' + path + '). Differing fields:\n  ' + '\n  '.join(diff))
-  if jax.process_index() == 0:
-    with open(path + '.tmp', 'w') as f:
-      json.dump({'config': config.to_dict(), 'fingerprint': current}, f, indent=2, sort_keys=True)
-    os.replace(path + '.tmp', path)
-    with open(os.path.join(workdir, 'versions.json'), 'w') as f:
-      json.dump(versions(), f, indent=2)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f).get('fingerprint', {})
+  from pilaf_jax import default_config
+  defaults = config_validation.fingerprint(default_config.get_config())
+  current = {k: v for k, v in config_validation.fingerprint(config).items()
+             if k in saved or defaults.get(k, object()) != v}
+  diff = config_validation.differing_fields(saved, current)
+  if diff:
+    raise ConfigError(f'The workdir {workdir} holds a run of another config. Use a fresh --workdir, or '
+                      'run with the saved config (' + path + '). Differing fields:\n  ' + '\n  '.join(diff))
+
+
+def write_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """config.json (resolved config and fingerprint) and versions.json, from process 0."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump({'config': config.to_dict(), 'fingerprint': config_validation.fingerprint(config)}, f,
+              indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
+  with open(os.path.join(workdir, 'versions.json'), 'w') as f:
+    json.dump(versions(), f, indent=2)
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """check_workdir, then write_workdir (for callers that build no Experiment in between)."""
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir(config, workdir)
+  write_workdir(config, workdir)
 
 
 def model_config(cfg) -> LlamaConfig:
@@ -264,7 +284,8 @@ class Experiment:
         stored = (PreferenceBatch(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract),
                                   np.zeros((n,), bool)), None)
       return self.placement.to_global(broadcast_from_main(stored[0])), True
-    pairs = sampler(policy_params, ref_params, self.prompts(index, n), index_array)
+    # Finish sampling before logging the query: the log-to-commit window stays as short as possible.
+    pairs = jax.block_until_ready(sampler(policy_params, ref_params, self.prompts(index, n), index_array))
     if self.store is not None:
       self.store.log_query(batch_key, n)
     a_preferred, rewards = self.oracle(pairs, index_array)

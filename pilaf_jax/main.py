@@ -57,8 +57,10 @@ def run(config, workdir: str) -> int:
     from pilaf_jax import experiment
     from pilaf_jax.loops.common import Timer, format_table
     timer = Timer()
-    experiment.prepare_workdir(config, workdir)
-    exp = experiment.Experiment(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    experiment.check_workdir(config, workdir)
+    exp = experiment.Experiment(config, workdir)  # Opens (and checks) the label store.
+    experiment.write_workdir(config, workdir)  # Only once everything agreed with the workdir.
   except (ConfigError, LabelStoreMismatch) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

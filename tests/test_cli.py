@@ -54,3 +54,17 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   assert code == 2 and 'holds a run of another config' in out, out
   assert 'seed: 1 -> 2' in out and "sampler.name: 'pilaf' -> 'vanilla'" in out, out
   assert 'Traceback' not in out
+
+
+def test_fields_added_since_a_run_match_at_their_default(tmp_path):
+  import json
+  config = default_config.get_config()
+  experiment.prepare_workdir(config, str(tmp_path))
+  path = tmp_path / 'config.json'
+  saved = json.loads(path.read_text())
+  del saved['fingerprint']['model.remat']  # As if written before the field existed.
+  path.write_text(json.dumps(saved))
+  experiment.check_workdir(config, str(tmp_path))  # Default value: accepted.
+  config.model.remat = True
+  with pytest.raises(experiment.ConfigError, match="model.remat: '<absent>' -> True"):
+    experiment.check_workdir(config, str(tmp_path))

@@ -148,7 +148,7 @@ class LabelStore:
     return PreferenceBatch(pairs, tail[:, 2].astype(bool)), tail[:, 3:5].astype(np.float64)
 
   def batch_keys(self) -> list[str]:
-    return [row[0] for row in self._db.execute('SELECT batch_key FROM batches ORDER BY time')]
+    return [row[0] for row in self._db.execute('SELECT batch_key FROM batches ORDER BY rowid')]
 
   def counts(self) -> dict:
     """Labelled pairs, oracle queries made, and pairs queried more than once."""
@@ -164,7 +164,7 @@ class LabelStore:
     cur = self._db.execute(
         f'SELECT p.batch_key, b.step, b.sampler, p.row, {",".join("p." + c for c in _ARRAY_COLUMNS)}, '
         'p.source_a, p.source_b, p.a_preferred, p.oracle_reward_a, p.oracle_reward_b '
-        'FROM pairs p JOIN batches b USING (batch_key) ORDER BY b.time, p.row')
+        'FROM pairs p JOIN batches b USING (batch_key) ORDER BY b.rowid, p.row')
     for row in cur:
       out = dict(batch_key=row[0], step=row[1], sampler=row[2], row=row[3])
       for j, (column, (_, _, dtype)) in enumerate(_ARRAY_COLUMNS.items()):

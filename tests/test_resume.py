@@ -1,0 +1,234 @@
+"""Crash safety of whole runs: real `python -m pilaf_jax.main` processes on configs/tiny.py, SIGKILLed
+or SIGTERMed mid-run and resumed with the same command, end exactly where an uninterrupted run ends:
+the same metrics.jsonl, the same labelled pairs, no label bought again after it was committed.
+
+Cost: every launch after the first loads its compiled programs from one JAX persistent compilation
+cache shared by the module (a temp dir, or $JAX_COMPILATION_CACHE_DIR when set), and every run after
+the first reuses its SFT reference (--config.sft.init_checkpoint). The kill/resume machinery and the
+comparisons live in benchmarks/kill_resume.py, which does the same with random kill moments.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks import kill_resume as kr  # noqa: E402
+
+CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
+
+
+def _tiny_config():
+  spec = importlib.util.spec_from_file_location('_tiny_config', CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+CFG = _tiny_config()
+BATCH = CFG.dpo.batch_size
+ONLINE_STEPS = CFG.online.steps
+CHUNKS = CFG.iterative.prompts_per_iteration // BATCH  # Label batches (= DPO steps per epoch) per iteration.
+ITERATIVE_STEPS = CFG.iterative.iterations * CFG.iterative.epochs * CHUNKS
+CKPT_EVERY = CFG.checkpoint.every_steps
+ITERATIVE = ['--config.loop=iterative']
+
+
+def _saving_step(name: str) -> int:
+  """The step of an orbax temporary checkpoint directory ('8.orbax-checkpoint-tmp-123' -> 8)."""
+  m = re.match(r'(\d+)\.', name)
+  return int(m.group(1)) if m else -1
+
+
+def _saving_at_or_after(step: int, fallback: int):
+  """Kill while an async checkpoint of a step >= `step` is being written; if no poll catches one in
+  flight, kill once the finished checkpoint `fallback` exists (so the kill always lands mid-run)."""
+  return lambda s, t: (any(_saving_step(n) >= step for n in s.saving)
+                       or max(s.checkpoints, default=0) >= fallback)
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  return kr.subprocess_env(str(tmp_path_factory.mktemp('jax_cache')))
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp('runs')
+
+
+def launch(workdir, env, name: str, overrides=(), **kill) -> kr.Launch:
+  workdir = str(workdir)
+  log = os.path.join(os.path.dirname(workdir), f'{name}.log')
+  return kr.launch(kr.main_command(workdir, CONFIG, overrides), workdir, log, env, **kill)
+
+
+def assert_finished(workdir, result: kr.Launch):
+  assert kr.finished(str(workdir), result), f'status {result.rc}:\n{result.log[-4000:]}'
+
+
+@pytest.fixture(scope='module')
+def online_reference(root, env):
+  """The uninterrupted online run; it trains the SFT reference that every other run loads."""
+  workdir = root / 'online_reference'
+  assert_finished(workdir, launch(workdir, env, 'online_reference'))
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def reuse_reference(online_reference):
+  return [f'--config.sft.init_checkpoint={online_reference / "reference"}']
+
+
+@pytest.fixture(scope='module')
+def iterative_reference(root, env, reuse_reference):
+  workdir = root / 'iterative_reference'
+  assert_finished(workdir, launch(workdir, env, 'iterative_reference', ITERATIVE + reuse_reference))
+  return workdir
+
+
+def kill_and_resume(workdir, env, name, overrides, kills, loop='online') -> list[kr.Launch]:
+  """One launch per kill condition, each SIGKILLed as soon as its condition holds (or left to finish
+  if the run ends first), then one more launch that must finish the run."""
+  launches = []
+  for i, condition in enumerate(kills):
+    result = launch(workdir, env, f'{name}_{i}', overrides, kill_when=condition, loop=loop, chunks=CHUNKS)
+    if result.killed:
+      assert result.rc == -signal.SIGKILL, result.log[-4000:]
+    else:
+      assert_finished(workdir, result)
+    print(f'{name} kill {i + 1}: {result.phase}')
+    launches.append(result)
+  assert_finished(workdir, launch(workdir, env, f'{name}_final', overrides))
+  return launches
+
+
+def assert_same_run(reference_dir, workdir, launches, labelled_pairs):
+  """Same metrics, same labelled pairs, and no label asked for again once it had been committed."""
+  largest, problems = kr.metrics_difference(kr.read_metrics(str(reference_dir)), kr.read_metrics(str(workdir)))
+  assert not problems, problems[:10]
+  expected, actual = kr.store_rows(str(reference_dir)), kr.store_rows(str(workdir))
+  assert set(actual['rows']) == set(expected['rows'])
+  lost = kr.labels_lost(expected['rows'], actual['rows'])
+  assert not lost, lost[:10]
+  counts = actual['counts']
+  assert counts['labelled_pairs'] == labelled_pairs == expected['counts']['labelled_pairs']
+  assert kr.requeried_after_commit(str(workdir)) == 0
+  # A kill between logging a query and committing its answer loses that answer: the resumed run asks
+  # once more, and the store counts it (by design; it is the only way a label can be paid twice).
+  lost_answers = sum(len(r.pending) for r in launches)
+  assert counts['queried_twice'] == BATCH * lost_answers, (counts, [r.phase for r in launches])
+  assert counts['queried_pairs'] == labelled_pairs + BATCH * lost_answers
+  return largest
+
+
+def test_online_run_killed_and_resumed_matches_uninterrupted(root, env, online_reference, reuse_reference):
+  workdir = root / 'online_killed'
+  delay = random.Random(0).uniform(1.0, 8.0)  # Seconds after launch: anywhere from startup onwards.
+  kills = [
+      # Right after the 3rd oracle query is logged: usually before its answer is committed (labelling).
+      lambda s, t: s.queries >= 3,
+      _saving_at_or_after(4 * CKPT_EVERY, 6 * CKPT_EVERY),  # While an async checkpoint is written.
+      lambda s, t: t >= delay,
+  ]
+  launches = kill_and_resume(workdir, env, 'online_killed', reuse_reference, kills)
+  assert all(r.killed for r in launches[:2]), [r.phase for r in launches]
+  assert_same_run(online_reference, workdir, launches, ONLINE_STEPS * BATCH)
+  assert max(kr.read_state(str(workdir)).checkpoints) == ONLINE_STEPS
+
+
+def test_iterative_run_killed_and_resumed_matches_uninterrupted(root, env, iterative_reference,
+                                                                reuse_reference):
+  workdir = root / 'iterative_killed'
+  kills = [
+      lambda s, t: s.batches >= CHUNKS // 2,  # Sampling iteration 0.
+      _saving_at_or_after(CHUNKS // 2 * CKPT_EVERY, CHUNKS + CKPT_EVERY),  # Training iteration 0.
+      lambda s, t: s.batches >= CHUNKS + CHUNKS // 2,  # Sampling iteration 1.
+  ]
+  launches = kill_and_resume(workdir, env, 'iterative_killed', ITERATIVE + reuse_reference, kills,
+                             loop='iterative')
+  assert all(r.killed for r in launches), [r.phase for r in launches]
+  assert_same_run(iterative_reference, workdir, launches, CFG.iterative.iterations * CHUNKS * BATCH)
+  assert max(kr.read_state(str(workdir)).checkpoints) == ITERATIVE_STEPS
+
+
+def test_sigterm_saves_exits_zero_and_resumes(root, env, online_reference, reuse_reference):
+  workdir = root / 'sigterm'
+  first = launch(workdir, env, 'sigterm_0', reuse_reference, kill_when=lambda s, t: s.batches >= 5,
+                 sig=signal.SIGTERM)
+  assert first.killed
+  assert first.rc == 0, first.log[-4000:]
+  match = re.search(r'SIGTERM: saved step (\d+)', first.log)
+  assert match, first.log[-4000:]
+  step = int(match.group(1))
+  assert 5 <= step < ONLINE_STEPS
+  # The checkpoint was finished before exiting, and is the newest.
+  assert max(first.after.checkpoints) == step and not first.after.saving
+  resumed = launch(workdir, env, 'sigterm_1', reuse_reference)
+  assert_finished(workdir, resumed)
+  assert f'Resuming the online loop at step {step} ' in resumed.log
+  assert_same_run(online_reference, workdir, [first], ONLINE_STEPS * BATCH)
+
+
+@pytest.fixture(scope='module')
+def corrupted_run(root, env, online_reference):
+  """A copy of the finished reference run whose newest checkpoint has a truncated data file, run again
+  with the same command."""
+  workdir = root / 'corrupt'
+  shutil.copytree(online_reference, workdir)
+  steps = kr.read_state(str(workdir)).checkpoints
+  latest, previous = steps[-1], steps[-2]
+  state_dir = workdir / 'checkpoints' / str(latest) / 'state'
+  victim = max((p for p in state_dir.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  size = victim.stat().st_size // 2
+  os.truncate(victim, size)
+  result = launch(workdir, env, 'corrupt')
+  return workdir, result, latest, previous, victim, size
+
+
+def test_corrupt_latest_checkpoint_falls_back(corrupted_run, online_reference):
+  workdir, result, latest, previous, _, _ = corrupted_run
+  assert_finished(workdir, result)
+  assert f'warning: checkpoint step {latest} ' in result.log
+  assert 'corrupt or partial' in result.log
+  assert f'Resuming the online loop at step {previous} ' in result.log
+  # The steps after the fallback point re-read their labels from the store: nothing asked again.
+  assert_same_run(online_reference, workdir, [], ONLINE_STEPS * BATCH)
+
+
+def test_corrupt_checkpoint_is_replaced_after_fallback(corrupted_run):
+  workdir, result, latest, _, victim, size = corrupted_run
+  assert_finished(workdir, result)
+  assert latest in kr.read_state(str(workdir)).checkpoints
+  assert not (victim.exists() and victim.stat().st_size == size), 'the corrupt checkpoint is still there'
+
+
+def test_workdir_of_another_config_is_refused(root, env, online_reference):
+  workdir = root / 'other_config'
+  workdir.mkdir()
+  for name in ('config.json', 'labels.sqlite'):
+    shutil.copy(online_reference / name, workdir / name)
+  saved = (workdir / 'config.json').read_bytes()
+  assert json.loads(saved)['fingerprint']['seed'] == 0
+  result = launch(workdir, env, 'other_config_0', ['--config.seed=2'])
+  assert result.rc == 2, result.log[-4000:]
+  assert 'error: ' in result.log and 'seed: 0 -> 2' in result.log
+  assert 'Traceback' not in result.log
+  assert (workdir / 'config.json').read_bytes() == saved  # Refused before touching anything.
+  assert not (workdir / 'checkpoints').exists()
+  # Without config.json (e.g. a copied label store), the label store itself refuses.
+  os.remove(workdir / 'config.json')
+  result = launch(workdir, env, 'other_config_1', ['--config.seed=2'])
+  assert result.rc == 2, result.log[-4000:]
+  assert 'label store' in result.log and 'seed: 0 -> 2' in result.log
+  assert 'Traceback' not in result.log
