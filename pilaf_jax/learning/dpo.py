@@ -48,5 +48,5 @@ def dpo_step(state: TrainState, batch: PreferenceBatch, *, model: Llama, tx: opt
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree.norm(grads)
   return TrainState(state.step + 1, params, opt_state), metrics
