@@ -31,6 +31,13 @@ def test_two_processes_match_one(tmp_path):
       assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
     for key in ('labels_used', 'policy_decode_tokens', 'ref_decode_tokens', 'ref_scoring_tokens'):
       assert a[key] == b[key], (key, a, b)
+  # Running the same job again restores the final checkpoint across both processes and stops there.
+  proc = subprocess.run([sys.executable, 'launch/local_multiprocess.py', '--num_processes=2',
+                         '--devices_per_process=1', '--', f'--workdir={multi}', *ARGS], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  assert 'Resuming the online loop at step 4' in proc.stdout, proc.stdout[-3000:]
+  assert _rows(multi) == two
   # Process 0 alone wrote the label store; both processes checkpointed together.
   assert os.path.exists(os.path.join(multi, 'labels.sqlite'))
   assert sorted(os.listdir(os.path.join(multi, 'checkpoints'))) == sorted(

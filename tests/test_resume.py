@@ -232,3 +232,19 @@ def test_workdir_of_another_config_is_refused(root, env, online_reference):
   assert result.rc == 2, result.log[-4000:]
   assert 'label store' in result.log and 'seed: 0 -> 2' in result.log
   assert 'Traceback' not in result.log
+
+
+def test_end_to_end_run_raises_the_reward(online_reference):
+  """The uninterrupted tiny run of main: its workdir is complete and the oracle reward rises."""
+  rows = kr.read_metrics(str(online_reference))
+  assert [r['step'] for r in rows] == [0, 4, 8, 12, 16, 20]
+  for key in ('step', 'labels_used', 'reward', 'reward_se', 'kl', 'kl_se', 'J'):
+    assert key in rows[-1]
+  first, last = rows[0], rows[-1]
+  assert first['labels_used'] == 0 and abs(first['kl']) < 1e-4  # The reference, before any update.
+  assert last['labels_used'] == ONLINE_STEPS * BATCH
+  se = (first['reward_se'] ** 2 + last['reward_se'] ** 2) ** 0.5
+  assert last['reward'] - first['reward'] > 3 * se, (first, last)
+  assert last['kl'] > 0 and abs(last['J'] - (last['reward'] - 0.1 * last['kl'])) < 1e-4
+  for name in ('config.json', 'versions.json', 'labels.sqlite', 'tensorboard', 'checkpoints', 'reference'):
+    assert os.path.exists(os.path.join(online_reference, name)), name
