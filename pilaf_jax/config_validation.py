@@ -7,6 +7,9 @@ from typing import Any
 import ml_collections
 
 LOOPS = ('online', 'iterative')
+ROPE_SCALINGS = ('', 'llama3')
+ORACLE_REWARDS = ('task', 'reward_model', 'judge')
+CHAT_DATASETS = ('hh_rlhf', 'jsonl')
 # Fields that change how a run is executed or shown, not what it computes: they may differ when a
 # run is resumed. Everything else must match the workdir's saved config.
 EXECUTION_FIELDS = ('runtime', 'checkpoint', 'mesh', 'distributed')
@@ -14,6 +17,11 @@ EXECUTION_FIELDS = ('runtime', 'checkpoint', 'mesh', 'distributed')
 
 class ConfigError(ValueError):
   """A user mistake in the config or command line; main prints it without a traceback."""
+
+
+def one_line(error: BaseException) -> str:
+  """A library's (possibly multi-line) error message as one line."""
+  return ' '.join(str(error).split())
 
 
 def _require(ok: bool, message: str) -> None:
@@ -30,7 +38,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   c = config
   _require(c.loop in LOOPS, f'loop={c.loop!r} is unknown; allowed: {list(LOOPS)}.')
   _require(c.beta > 0, f'beta={c.beta} must be > 0 (the paper uses 0.1).')
-  _require(c.task.name in TASKS, f'task.name={c.task.name!r} is unknown; allowed: {list(TASKS)}.')
+  _require(c.task.name in TASKS, f'task.name={c.task.name!r} is unknown; allowed: {sorted(TASKS)}.')
   _require(c.sampler.name in SAMPLERS,
            f'sampler.name={c.sampler.name!r} is unknown; allowed: {sorted(SAMPLERS)}.')
   first = c.iterative.first_iteration_sampler
@@ -45,10 +53,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 < c.sampler.top_p <= 1.0, f'sampler.top_p={c.sampler.top_p} must lie in (0, 1].')
   _require(c.task.prompt_len >= 2, f'task.prompt_len={c.task.prompt_len} must be >= 2 (BOS + a token).')
   _require(c.task.response_len >= 1, f'task.response_len={c.task.response_len} must be >= 1.')
-  _require(c.task.vocab_size >= 4, f'task.vocab_size={c.task.vocab_size} must be >= 4 '
-           '(PAD, BOS, EOS and at least one content token).')
-  _require(c.model.vocab_size == c.task.vocab_size,
-           f'model.vocab_size={c.model.vocab_size} must equal task.vocab_size={c.task.vocab_size}.')
+  _require(c.model.rope_scaling in ROPE_SCALINGS,
+           f'model.rope_scaling={c.model.rope_scaling!r} is unknown; allowed: {list(ROPE_SCALINGS)}.')
+  _require(c.oracle.reward in ORACLE_REWARDS,
+           f'oracle.reward={c.oracle.reward!r} is unknown; allowed: {list(ORACLE_REWARDS)}.')
+  if c.task.name == 'synthetic':
+    _require(c.task.vocab_size >= 4, f'task.vocab_size={c.task.vocab_size} must be >= 4 '
+             '(PAD, BOS, EOS and at least one content token).')
+    _require(c.model.vocab_size == c.task.vocab_size,
+             f'model.vocab_size={c.model.vocab_size} must equal task.vocab_size={c.task.vocab_size}.')
+    _require(c.oracle.reward == 'task', f"oracle.reward={c.oracle.reward!r}: the synthetic task's oracle "
+             "is its hidden reward; use oracle.reward='task' (reward models and judges read text).")
+    _require(not c.model.checkpoint, f'model.checkpoint={c.model.checkpoint!r}: the synthetic task '
+             "trains its own reference; pretrained checkpoints need task.name='chat'.")
+  else:  # chat
+    _require(bool(c.model.checkpoint), "task.name='chat' needs model.checkpoint: a Hugging Face "
+             'checkpoint directory, a .gguf file or package:<package>/<file>.')
+    _require(c.task.dataset in CHAT_DATASETS,
+             f'task.dataset={c.task.dataset!r} is unknown; allowed: {list(CHAT_DATASETS)}.')
+    _require(bool(c.task.source_dir), f'task.source_dir is empty: name the directory that holds the '
+             f'{c.task.dataset or "prompt"} files.')
+    _require(c.task.overlong_prompts in ('truncate', 'error'),
+             f"task.overlong_prompts={c.task.overlong_prompts!r}; allowed: 'truncate', 'error'.")
+    _require(c.oracle.reward in ('reward_model', 'judge'),
+             f"oracle.reward={c.oracle.reward!r}: a chat task needs 'reward_model' or 'judge' "
+             '(with oracle.checkpoint).')
+    _require(bool(c.oracle.checkpoint), f'oracle.reward={c.oracle.reward!r} needs oracle.checkpoint.')
+    _require(c.oracle.max_len >= 2, f'oracle.max_len={c.oracle.max_len} must be >= 2.')
   for name in ('dpo.batch_size', 'sft.batch_size', 'sft.steps', 'eval.batch_size', 'eval.num_prompts',
                'eval.every_steps', 'online.steps', 'iterative.iterations',
                'iterative.prompts_per_iteration', 'iterative.epochs', 'checkpoint.every_steps',
@@ -86,3 +117,34 @@ def differing_fields(saved: dict, current: dict) -> list[str]:
   saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
   return [f'{k}: {saved.get(k, "<absent>")!r} -> {current.get(k, "<absent>")!r}'
           for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+
+
+def resolve_checkpoints(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of config whose model architecture is model.checkpoint's (read from its metadata), so
+  that the saved config, the fingerprint and the mesh plan describe the model that actually runs.
+  A config without a checkpoint is returned unchanged. Raises ConfigError for an unusable one."""
+  if not config.model.checkpoint:
+    return config
+  from pilaf_jax.model.checkpoints import CheckpointError, architecture, read_checkpoint_config
+  found = {}
+  for field in ('model.checkpoint', 'model.reference_checkpoint', 'oracle.checkpoint'):
+    section, name = field.split('.')
+    if config[section][name]:
+      try:
+        found[field], _ = read_checkpoint_config(config[section][name])
+      except CheckpointError as e:
+        raise ConfigError(f'{field}: {e}') from None
+  cfg = found['model.checkpoint']
+  if 'model.reference_checkpoint' in found:
+    policy, reference = architecture(cfg), architecture(found['model.reference_checkpoint'])
+    diff = [f'{k}={reference[k]!r} where the policy has {policy[k]!r}' for k in policy if reference[k] != policy[k]]
+    if diff:
+      raise ConfigError(f'model.reference_checkpoint={config.model.reference_checkpoint!r} is not the '
+                        f'policy\'s architecture: {"; ".join(diff)}. PILAF mixes the two models token by '
+                        'token: they must be the same model (same vocabulary).')
+  resolved = config.copy_and_resolve_references()
+  with resolved.unlocked():
+    for name, value in architecture(cfg).items():
+      resolved.model[name] = value
+    resolved.task.vocab_size = cfg.vocab_size
+  return resolved

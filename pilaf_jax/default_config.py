@@ -12,9 +12,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.loop = 'online'  # 'online' (sample, label, update every step) or 'iterative'.
   c.beta = 0.1  # One beta for DPO, for the PILAF sampler and for J = reward - beta * KL.
 
-  # The hidden world: prompts, the behaviour distribution the reference is fine-tuned on, the oracle.
+  # The task: prompts, token conventions, where the reference comes from, the oracle's reward.
+  # 'synthetic' is a hidden world (the fields up to reward_scale); 'chat' is real text (the fields
+  # after it, with model.checkpoint and oracle.reward; see configs/smollm2_demo.py).
   c.task = ml_collections.ConfigDict(dict(
-      name='synthetic',
+      name='synthetic',  # synthetic | chat
       world_seed=1234,  # The world (topics, styles, utilities) is fixed by this, not by c.seed.
       vocab_size=64,  # PAD=0, BOS=1, EOS=2, content tokens 3..vocab_size-1.
       prompt_len=8,
@@ -23,12 +25,26 @@ def get_config() -> ml_collections.ConfigDict:
       num_styles=4,
       copy_prob=0.2,  # Behaviour: probability of copying a prompt token.
       reward_scale=4.0,
+      # chat: prompts from a dataset, rendered with the tokenizer's chat template.
+      dataset='',  # hh_rlhf (TFDS, built from the jsonl.gz files) | jsonl (one conversation per line)
+      source_dir='',  # hh_rlhf: <dir>/<subset>/{train,test}.jsonl.gz; jsonl: <dir>/{train,test}.jsonl[.gz]
+      data_dir='',  # hh_rlhf: where the TFDS build is written and read ('' = <source_dir>/tfds).
+      subset='all',  # hh_rlhf: harmless-base | helpful-base | helpful-online | helpful-rejection-sampled | all | flat
+      tokenizer='',  # A tokenizer directory or .gguf file; '' = model.checkpoint's.
+      chat_template='',  # Overrides the tokenizer's chat template (a Jinja string).
+      overlong_prompts='truncate',  # truncate (keep the end of the conversation) | error
   ))
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=64, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
       num_kv_heads=2, head_dim=0, rope_theta=10_000.0, rms_norm_eps=1e-5, tie_embeddings=False,
-      attention_bias=False, remat=False, dtype='float32', param_dtype='float32'))
+      attention_bias=False, rope_scaling='', rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0, rope_original_max_position=8192,
+      remat=False, dtype='float32', param_dtype='float32',
+      # A pretrained checkpoint (HF directory, .gguf file, or package:<pkg>/<file>). When set, the
+      # architecture fields above are read from it; the policy starts from it, and so does the
+      # reference unless reference_checkpoint names another one of the same architecture.
+      checkpoint='', reference_checkpoint=''))
 
   # Supervised fine-tuning of the reference on behaviour responses (cached in the workdir).
   c.sft = ml_collections.ConfigDict(dict(
@@ -46,6 +62,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.oracle = ml_collections.ConfigDict(dict(
       name='bradley_terry',  # bradley_terry (sampled labels) | deterministic (higher reward wins)
+      # Where r*(x, y) comes from: 'task' (the synthetic world's hidden reward), 'reward_model' (a
+      # sequence-classification checkpoint) or 'judge' (a chat model asked whether a response is good:
+      # reward = logit(Yes) - logit(No)). The last two read text, with their own tokenizer.
+      reward='task',
+      checkpoint='',  # reward_model / judge: HF directory, .gguf file or package:<pkg>/<file>.
+      tokenizer='',  # '' = the oracle checkpoint's own.
+      max_len=512,  # Tokens of (conversation + response) the oracle reads; longer ones keep the end.
+      reward_scale=1.0,  # r* = reward_scale * score (Bradley-Terry labels depend on the scale).
+      dtype='float32',  # The oracle model's params and activations (bfloat16 for large reward models).
   ))
 
   c.dpo = ml_collections.ConfigDict(dict(

@@ -21,21 +21,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pilaf_jax import checkpointing, config_validation
-from pilaf_jax.batches import PreferenceBatch, PromptBatch
+from pilaf_jax.batches import PairBatch, PreferenceBatch, PromptBatch
 from pilaf_jax.config_validation import ConfigError
 from pilaf_jax.evaluation import Evaluator
 from pilaf_jax.labelling.label_store import LabelStore
-from pilaf_jax.labelling.oracles import make_oracle
+from pilaf_jax.labelling.oracles import make_label_rule
 from pilaf_jax.learning.dpo import dpo_step
-from pilaf_jax.learning.sft import sft_step
+from pilaf_jax.learning.sft import train_reference
 from pilaf_jax.learning.train_state import RunState, TrainState, init_train_state, make_optimizer
-from pilaf_jax.model.llama import Llama, LlamaConfig, init_params
+from pilaf_jax.model.checkpoints import load_params
+from pilaf_jax.model.llama import Llama, LlamaConfig
 from pilaf_jax.parallel.mesh import batch_sharding, check_batch_divisible, make_mesh
 from pilaf_jax.parallel.multihost import is_main_process
 from pilaf_jax.parallel.placement import Placement, broadcast_from_main, to_host
 from pilaf_jax.sampling.decode import DecodeSettings
 from pilaf_jax.sampling.samplers import SamplerContext, check_sampler
-from pilaf_jax.tasks import EOS, PAD, make_task, oracle_reward, sample_behaviour, sample_prompts
+from pilaf_jax.tasks import REFERENCE_CHECKPOINT, TRAIN, EVAL, make_task
 
 # Stream ids for jax.random.fold_in(run_key, id).
 SFT_STREAM, INIT_STREAM, PROMPT_STREAM, SAMPLE_STREAM, ORACLE_STREAM, EVAL_STREAM, SHUFFLE_STREAM = range(7)
@@ -93,6 +94,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def model_config(cfg) -> LlamaConfig:
+  """The architecture fields of config.model (model.checkpoint and friends are not architecture)."""
   try:
     return LlamaConfig.from_config(cfg)
   except (TypeError, ValueError) as e:
@@ -126,11 +128,8 @@ class Experiment:
   def __post_init__(self):
     c = self.config
     self.run_key = jax.random.key(c.seed)
-    self.world = make_task(c.task)
-    self.allowed = np.asarray(self.world.allowed_response_tokens)
     self.model = Llama(model_config(c.model))
-    self.ref_model = self.model  # The reference is the SFT model: same architecture.
-    self.reward_fn = functools.partial(oracle_reward, self.world)
+    self.ref_model = self.model  # The reference shares the policy's architecture (and vocabulary).
     try:
       self.mesh = make_mesh(c.mesh, self.devices)
       for field in ('dpo.batch_size', 'sft.batch_size', 'eval.batch_size'):
@@ -138,46 +137,41 @@ class Experiment:
         check_batch_divisible(c[section][name], self.mesh, field)
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    self.placement = Placement(self.mesh, self.model.cfg)
-    self.prompt_sharding = PromptBatch(batch_sharding(self.mesh, 2), batch_sharding(self.mesh, 2))
-    settings = DecodeSettings(max_new_tokens=c.task.response_len, eos_id=EOS, pad_id=PAD,
-                              temperature=c.sampler.temperature, top_k=c.sampler.top_k,
-                              top_p=c.sampler.top_p)
+    self.placement = placement = Placement(self.mesh, self.model.cfg)
+    self.task = make_task(c, self.run_key, placement, self.workdir)
+    self.allowed = self.task.allowed_tokens
+    self.prompt_sharding = PromptBatch(*(batch_sharding(self.mesh, ndim) for ndim in (2, 2, 1)))
+    settings = DecodeSettings(max_new_tokens=self.task.response_len, eos_ids=self.task.eos_ids,
+                              pad_id=self.task.pad_id, temperature=c.sampler.temperature,
+                              top_k=c.sampler.top_k, top_p=c.sampler.top_p)
     self.sampler_ctx = SamplerContext(
         policy=self.model, ref=self.ref_model, settings=settings, beta=c.beta, allowed_tokens=self.allowed,
         vanilla_fraction=c.sampler.vanilla_fraction, best_of_n=c.sampler.best_of_n,
         max_enumerated_responses=c.sampler.max_enumerated_responses)
     self._samplers: dict[str, Callable] = {}
-    self._prompt_fns: dict[int, Callable] = {}
     self.sampler(c.sampler.name)  # Validate before any work starts.
     if c.loop == 'iterative' and c.iterative.first_iteration_sampler:
       self.sampler(c.iterative.first_iteration_sampler)
     try:
-      oracle = make_oracle(c.oracle.name, self.reward_fn)
+      label_rule = make_label_rule(c.oracle.name)
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    placement = self.placement
-
-    def label(pairs, index):
-      a_preferred, rewards = oracle(pairs, self._key(ORACLE_STREAM, index))
-      return placement.constrain_rows(a_preferred), placement.constrain_replicated(rewards)
-    self.oracle = jax.jit(label)
+    self.label_rule = jax.jit(lambda rewards, index: label_rule(rewards, self._key(ORACLE_STREAM, index)))
 
     self.tx = make_optimizer(c.dpo.learning_rate, c.dpo.warmup_steps, c.dpo.weight_decay,
                              c.dpo.max_grad_norm)
     self.state_sharding = placement.train_state(self.tx)
+    allowed = None if self.allowed is None else jnp.asarray(self.allowed)
     self.train_step = _ShardedStep(
-        functools.partial(dpo_step, model=self.model, tx=self.tx, beta=c.beta,
-                          allowed_tokens=jnp.asarray(self.allowed)), placement, self.state_sharding)
+        functools.partial(dpo_step, model=self.model, tx=self.tx, beta=c.beta, allowed_tokens=allowed),
+        placement, self.state_sharding)
     # Evaluation decodes with plain sampling (temperature 1, no filters): reward and KL of pi_theta itself.
     eval_ctx = dataclasses.replace(self.sampler_ctx, settings=dataclasses.replace(
         settings, temperature=1.0, top_k=0, top_p=1.0))
-    eval_batch = c.eval.batch_size
     self.evaluator = Evaluator(
-        eval_ctx, lambda rng: placement.constrain_rows(sample_prompts(self.world, rng, eval_batch)[0]),
-        self.reward_fn, jax.random.fold_in(self.run_key, EVAL_STREAM), c.eval.num_prompts // eval_batch,
-        c.beta, jit_kwargs=dict(in_shardings=(placement.params, placement.params, placement.replicated)),
-        constrain=placement.constrain_replicated)
+        eval_ctx, self.task, lambda i: self.prompts(i, c.eval.batch_size, EVAL),
+        jax.random.fold_in(self.run_key, EVAL_STREAM), c.eval.num_prompts // c.eval.batch_size, c.beta,
+        placement)
     # Labels are written by process 0 alone; the others receive what it reads.
     self.store = (LabelStore(os.path.join(self.workdir, 'labels.sqlite'), config_validation.fingerprint(c))
                   if is_main_process() else None)
@@ -187,7 +181,7 @@ class Experiment:
         every_steps=ck.every_steps, every_seconds=ck.every_seconds, async_save=ck.async_save)
 
   def evaluate(self, policy_params, ref_params) -> dict:
-    return self.evaluator(policy_params, ref_params, self.placement.scalar)
+    return self.evaluator(policy_params, ref_params)
 
   def _key(self, stream: int, index) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(self.run_key, stream), index)
@@ -210,8 +204,17 @@ class Experiment:
 
   # --- the reference policy ---
   def reference_params(self, log: Callable[[str], None] = print) -> dict:
-    """The SFT reference: loaded from sft.init_checkpoint or the workdir's cache, else trained."""
+    """The reference: loaded from a pretrained checkpoint (model.reference_checkpoint, else
+    model.checkpoint), or, for tasks that fine-tune it here, from sft.init_checkpoint or the
+    workdir's cache, else trained."""
     c = self.config
+    if self.task.reference_source == REFERENCE_CHECKPOINT:
+      field = 'model.reference_checkpoint' if c.model.reference_checkpoint else 'model.checkpoint'
+      spec = c.model[field.split('.')[1]]
+      start = time.time()
+      params = load_params(spec, self.model.cfg, self.placement.params, field)
+      log(f'Reference policy loaded from {spec} in {time.time() - start:.1f} s.')
+      return params
     directory = c.sft.init_checkpoint or os.path.join(self.workdir, 'reference')
     directory = os.path.abspath(directory)
     target = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
@@ -229,48 +232,30 @@ class Experiment:
             'training it again.')
     elif c.sft.init_checkpoint:
       raise ConfigError(f'sft.init_checkpoint={c.sft.init_checkpoint!r} holds no params/ directory.')
-    params = self.train_reference(log)
+    params = train_reference(self.task, self.model, self.placement, c.sft,
+                             lambda stream, i: self._key(stream, i), log)
     checkpointer = ocp.StandardCheckpointer()  # Every process calls save; orbax coordinates.
     checkpointer.save(os.path.join(directory, 'params'), params, force=True)
     checkpointer.wait_until_finished()
     return params
 
-  def train_reference(self, log: Callable[[str], None] = print) -> dict:
-    c = self.config.sft
-    placement = self.placement
-    tx = make_optimizer(c.learning_rate, c.warmup_steps, c.weight_decay)
-    state_sharding = placement.train_state(tx)
-    init = jax.jit(lambda rng: init_train_state(init_params(self.model.cfg, rng), tx),
-                   in_shardings=(placement.replicated,), out_shardings=state_sharding)
-    state = init(self._key(INIT_STREAM, 0))
-    sharded_rows = lambda x: placement.constrain_rows(x)
-
-    def step(state, index):
-      k_prompt, k_resp = jax.random.split(self._key(SFT_STREAM, index))
-      prompts, topics = sample_prompts(self.world, k_prompt, c.batch_size)
-      responses, mask = sample_behaviour(self.world, k_resp, prompts, topics)
-      return sft_step(state, sharded_rows(prompts), sharded_rows(responses), sharded_rows(mask),
-                      model=self.model, tx=tx, allowed_tokens=jnp.asarray(self.allowed))
-    step = jax.jit(step, in_shardings=(state_sharding, placement.replicated),
-                   out_shardings=(state_sharding, placement.replicated), donate_argnums=0)
-
-    start, losses = time.time(), []
-    for i in range(c.steps):
-      state, metrics = step(state, placement.scalar(i))
-      losses.append(metrics['sft_loss'])
-    losses = np.asarray(jax.device_get(losses))
-    log(f'Reference policy: SFT on behaviour responses, {c.steps} steps in {time.time() - start:.1f} s, '
-        f'loss {float(np.mean(losses[:10])):.3f} -> {float(np.mean(losses[-10:])):.3f}.')
-    return state.params
+  def initial_policy_params(self, ref_params) -> dict:
+    """Where the policy starts: the reference, unless model.checkpoint names another checkpoint."""
+    c = self.config
+    if (self.task.reference_source == REFERENCE_CHECKPOINT and c.model.reference_checkpoint
+        and c.model.reference_checkpoint != c.model.checkpoint):
+      return load_params(c.model.checkpoint, self.model.cfg, self.placement.params)
+    return ref_params
 
   # --- labelled data ---
-  def prompts(self, index: int, n: int) -> PromptBatch:
-    """Prompt batch `index` of the prompt stream (a global array, rows sharded)."""
-    if n not in self._prompt_fns:
-      self._prompt_fns[n] = jax.jit(
-          lambda index: sample_prompts(self.world, self._key(PROMPT_STREAM, index), n)[0],
-          in_shardings=(self.placement.replicated,), out_shardings=self.prompt_sharding)
-    return self._prompt_fns[n](self.placement.scalar(index))
+  def prompts(self, index: int, n: int, split: str = TRAIN) -> PromptBatch:
+    """Prompt batch `index` of a split (a global array, rows sharded)."""
+    return self.placement.to_global(self.task.prompts(split, index, n), self.prompt_sharding)
+
+  def oracle_rewards(self, pairs: PairBatch) -> np.ndarray:
+    """r*(x, y) of both responses of every pair, [B, 2], from the task's oracle (host arrays)."""
+    responses, mask = np.asarray(pairs.responses), np.asarray(pairs.response_mask)
+    return np.stack([self.task.rewards(TRAIN, pairs.prompts, responses[:, i], mask[:, i]) for i in (0, 1)], 1)
 
   def labelled_batch(self, batch_key: str, index: int, step: int, sampler_name: str, policy_params,
                      ref_params, n: int) -> tuple[PreferenceBatch, bool]:
@@ -288,21 +273,22 @@ class Experiment:
     pairs = jax.block_until_ready(sampler(policy_params, ref_params, self.prompts(index, n), index_array))
     if self.store is not None:
       self.store.log_query(batch_key, n)
-    a_preferred, rewards = self.oracle(pairs, index_array)
-    labelled = PreferenceBatch(pairs, a_preferred)
-    host = to_host(labelled)  # A collective: every process takes part.
+    host_pairs = to_host(pairs)  # A collective: every process takes part.
+    rewards = self.oracle_rewards(host_pairs)
+    a_preferred = np.asarray(self.label_rule(rewards, index_array))
+    labelled = PreferenceBatch(pairs, self.placement.to_global(a_preferred))
     if self.store is not None:
-      self.store.put(batch_key, step, sampler_name, host, to_host(rewards))
+      self.store.put(batch_key, step, sampler_name, PreferenceBatch(host_pairs, a_preferred), rewards)
     return labelled, False
 
-  def init_policy_state(self, ref_params) -> TrainState:
-    """The policy starts as a copy of the reference."""
+  def init_policy_state(self, policy_params) -> TrainState:
+    """A fresh train state (copies of the params, zero optimiser moments)."""
     return jax.jit(lambda p: init_train_state(p, self.tx), in_shardings=(self.placement.params,),
-                   out_shardings=self.state_sharding)(ref_params)
+                   out_shardings=self.state_sharding)(policy_params)
 
   def init_run_state(self, ref_params) -> RunState:
     """The loop's state before any update, every leaf a global array (checkpointable on any host)."""
-    run = RunState.create(self.init_policy_state(ref_params))
+    run = RunState.create(self.init_policy_state(self.initial_policy_params(ref_params)))
     counters = self.placement.to_global(jax.device_get((run.cost, run.labels_used)), None)
     return run.replace(cost=counters[0], labels_used=counters[1])
 

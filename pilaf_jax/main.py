@@ -49,9 +49,12 @@ def run(config, workdir: str) -> int:
   from pilaf_jax import config_validation
   from pilaf_jax.config_validation import ConfigError
   from pilaf_jax.labelling.label_store import LabelStoreMismatch
+  from pilaf_jax.model.checkpoints import CheckpointError
+  user_errors = (ConfigError, LabelStoreMismatch, CheckpointError)
 
   try:
     config_validation.validate(config)
+    config = config_validation.resolve_checkpoints(config)
     from pilaf_jax.parallel import multihost
     multihost.initialize_distributed(config.distributed)
     from pilaf_jax import experiment
@@ -61,7 +64,7 @@ def run(config, workdir: str) -> int:
     experiment.check_workdir(config, workdir)
     exp = experiment.Experiment(config, workdir)  # Opens (and checks) the label store.
     experiment.write_workdir(config, workdir)  # Only once everything agreed with the workdir.
-  except (ConfigError, LabelStoreMismatch) as e:
+  except user_errors as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
 
@@ -75,7 +78,7 @@ def run(config, workdir: str) -> int:
       from pilaf_jax.loops.iterative import run_iterative
       run_iterative(exp, _print)
     counts = exp.store.counts() if exp.store is not None else None
-  except ConfigError as e:
+  except user_errors as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   finally:

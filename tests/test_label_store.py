@@ -35,7 +35,8 @@ def make_batch(seed: int, b: int = 5, p: int = 4, r: int = 6):
   ref_lp[1, 0, 0] = np.nextafter(np.float32(-1.0), np.float32(0.0))
   source = rs.randint(0, 4, size=(b, 2)).astype(np.int8)
   cost = SamplingCost(*[np.int32(v) for v in rs.randint(0, 1 << 30, size=8)])
-  pairs = PairBatch(PromptBatch(tokens, prompt_mask), responses, response_mask, policy_lp, ref_lp, source,
+  prompt_ids = rs.permutation(1 << 20)[:b].astype(np.int32)
+  pairs = PairBatch(PromptBatch(tokens, prompt_mask, prompt_ids), responses, response_mask, policy_lp, ref_lp, source,
                     cost)
   labelled = PreferenceBatch(pairs, rs.rand(b) < 0.5)
   rewards = rs.randn(b, 2) * 1e3
@@ -55,6 +56,7 @@ def assert_batch_equal(got, labelled, rewards):
   p, q = batch.pairs, labelled.pairs
   assert_bit_equal(p.prompts.tokens, q.prompts.tokens, 'prompt tokens')
   assert_bit_equal(p.prompts.mask, q.prompts.mask, 'prompt mask')
+  assert_bit_equal(p.prompts.ids, q.prompts.ids, 'prompt ids')
   for name in ('responses', 'response_mask', 'policy_logprobs', 'ref_logprobs', 'source'):
     assert_bit_equal(getattr(p, name), getattr(q, name), name)
   assert_bit_equal(batch.a_preferred, labelled.a_preferred, 'a_preferred')
@@ -195,6 +197,7 @@ def test_iter_rows_exports_every_pair(tmp_path):
     for i in range(p.size):
       row = next(it)
       assert (row['step'], row['sampler']) == (step, sampler)
+      assert row['prompt_id'] == int(p.prompts.ids[i])
       assert row['prompt'] == p.prompts.tokens[i].tolist()
       assert row['prompt_mask'] == p.prompts.mask[i].tolist()
       for j, side in enumerate('ab'):

@@ -1,25 +1,48 @@
-"""The synthetic task: a fixed hidden world, valid behaviour responses, the oracle."""
+"""The synthetic task: a fixed hidden world, valid behaviour responses, the oracle, the Task protocol."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pilaf_jax import default_config
-from pilaf_jax.batches import PairBatch, SamplingCost
-from pilaf_jax.labelling.oracles import make_oracle
-from pilaf_jax.tasks import BOS, EOS, PAD, make_task, oracle_reward, sample_behaviour, sample_prompts
+from pilaf_jax.labelling.oracles import make_label_rule
+from pilaf_jax.tasks import (BOS, EOS, EVAL, PAD, TRAIN, SyntheticTaskConfig, Task, make_task, make_world,
+                             oracle_reward, sample_behaviour, sample_prompts)
 from pilaf_jax.tasks.synthetic import topic_posterior
 
 
-def _world():
-  return make_task(default_config.get_config().task)
+def _world(world_seed: int = 1234):
+  cfg = default_config.get_config().task
+  cfg.world_seed = world_seed
+  return make_world(SyntheticTaskConfig.from_config(cfg))
 
 
 def test_world_is_fixed_by_its_seed():
   a, b = _world(), _world()
   np.testing.assert_array_equal(a.utility, b.utility)
-  cfg = default_config.get_config().task
-  cfg.world_seed = 7
-  assert not np.array_equal(make_task(cfg).utility, a.utility)
+  assert not np.array_equal(_world(7).utility, a.utility)
+
+
+def test_synthetic_task_protocol_prompts_are_fixed_by_id():
+  """A prompt is the same whatever batch it is drawn in; ids number the split; held-out prompts do
+  not depend on the run's seed, training prompts do."""
+  config = default_config.get_config()
+  task = make_task(config, jax.random.key(0))
+  assert isinstance(task, Task) and task.eos_ids == (EOS,) and task.pad_id == PAD
+  big = task.prompts(TRAIN, 0, 8)
+  np.testing.assert_array_equal(big.ids, np.arange(8))
+  small = task.prompts(TRAIN, 3, 2)  # Prompts 6 and 7.
+  np.testing.assert_array_equal(small.ids, [6, 7])
+  np.testing.assert_array_equal(small.tokens, big.tokens[6:8])
+  assert task.describe(TRAIN, 7) == ' '.join(map(str, big.tokens[7]))
+  other_seed = make_task(config, jax.random.key(1))
+  assert not np.array_equal(other_seed.prompts(TRAIN, 0, 8).tokens, big.tokens)
+  np.testing.assert_array_equal(other_seed.prompts(EVAL, 0, 8).tokens, task.prompts(EVAL, 0, 8).tokens)
+  assert not np.array_equal(task.prompts(EVAL, 0, 8).tokens, big.tokens)
+  # The task's reward is the hidden reward of the prompt's tokens.
+  responses = np.asarray([[5, 9, EOS, PAD]] * 8, np.int32)
+  mask = responses != PAD
+  np.testing.assert_allclose(task.rewards(TRAIN, big, responses, mask),
+                             oracle_reward(task.world, big, jnp.asarray(responses), jnp.asarray(mask)), rtol=1e-6)
 
 
 def test_prompts_and_behaviour_are_well_formed():
@@ -57,12 +80,13 @@ def test_bradley_terry_label_frequencies():
   b = jnp.array([6, 7, EOS, PAD])
   responses = jnp.broadcast_to(jnp.stack([a, b])[None], (n, 2, 4))
   mask = responses != PAD
-  pairs = PairBatch(prompts=prompts.repeat(n), responses=responses, response_mask=mask,
-                    policy_logprobs=jnp.zeros((n, 2, 4)), ref_logprobs=jnp.zeros((n, 2, 4)),
-                    source=jnp.zeros((n, 2), jnp.int8), cost=SamplingCost.zero())
-  reward_fn = lambda p, y, m: oracle_reward(world, p, y, m)
-  labels, rewards = make_oracle('bradley_terry', reward_fn)(pairs, jax.random.key(3))
+  rows = prompts.repeat(n)
+  rewards = jnp.stack([oracle_reward(world, rows, responses[:, i], mask[:, i]) for i in (0, 1)], 1)
+  labels = make_label_rule('bradley_terry')(rewards, jax.random.key(3))
   p = float(jax.nn.sigmoid(rewards[0, 0] - rewards[0, 1]))
   assert abs(float(labels.mean()) - p) < 5 * np.sqrt(p * (1 - p) / n)
-  det, _ = make_oracle('deterministic', reward_fn)(pairs, jax.random.key(3))
+  det = make_label_rule('deterministic')(rewards, jax.random.key(3))
   assert bool((det == (rewards[:, 0] > rewards[:, 1])).all())
+  # Exact ties go either way, about half each.
+  tie = make_label_rule('deterministic')(jnp.zeros((n, 2)), jax.random.key(4))
+  assert abs(float(tie.mean()) - 0.5) < 5 * np.sqrt(0.25 / n)

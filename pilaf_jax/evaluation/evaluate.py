@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pilaf_jax.batches import PromptBatch
+from pilaf_jax.parallel.placement import Placement, to_host
 from pilaf_jax.sampling.decode import RowLayout
 from pilaf_jax.sampling.samplers import SamplerContext
+from pilaf_jax.tasks.base import EVAL
 
 
 @dataclasses.dataclass
 class Evaluator:
-  """Samples one policy response per held-out prompt and scores it.
+  """Samples one policy response per held-out prompt and scores it with the task's oracle reward.
 
   KL is estimated from the policy's own samples as the mean over prompts of the summed per-token
   log-ratio log pi_theta(y_t|.) - log pi_ref(y_t|.) (an unbiased estimate of the sequence-level KL).
@@ -24,32 +26,36 @@ class Evaluator:
   successive rows differ by the policy, not the noise.
   """
   ctx: SamplerContext
-  prompt_fn: Callable[[jax.Array], PromptBatch]  # rng -> one batch of held-out prompts (pure).
-  reward_fn: Callable
+  task: object  # The Task: its rewards(prompts, responses, mask) scores the responses.
+  prompt_fn: Callable[[int], PromptBatch]  # batch index -> held-out prompts (a global array).
   rng: jax.Array
   num_batches: int
   beta: float
-  jit_kwargs: Optional[dict] = None  # Shardings (Experiment passes them).
-  constrain: Callable = lambda tree: tree
+  placement: Placement
 
   def __post_init__(self):
-    ctx, reward_fn = self.ctx, self.reward_fn
+    ctx, placement = self.ctx, self.placement
 
-    def score_batch(policy_params, ref_params, index):
-      k_prompt, k_sample = jax.random.split(jax.random.fold_in(self.rng, index))
-      prompts = self.prompt_fn(k_prompt)
+    def sample_batch(policy_params, ref_params, prompts, index):
       layout = RowLayout(policy_only=prompts.size)
-      ro = ctx.decode(policy_params, ref_params, prompts, jnp.zeros((0,)), k_sample, layout)
+      ro = ctx.decode(policy_params, ref_params, prompts, jnp.zeros((0,)), jax.random.fold_in(self.rng, index),
+                      layout)
       ref_lp = ctx.score(ctx.ref, ref_params, prompts, ro.tokens, ro.mask)
       kl = (ro.policy_logprobs - ref_lp).sum(-1)
-      return self.constrain((reward_fn(prompts, ro.tokens, ro.mask), kl, ro.mask.sum(-1)))
+      return placement.constrain_rows((ro.tokens, ro.mask, kl))
 
-    self._score_batch = jax.jit(score_batch, **(self.jit_kwargs or {}))
+    self._sample_batch = jax.jit(sample_batch, in_shardings=(
+        placement.params, placement.params, None, placement.replicated))
 
-  def __call__(self, policy_params, ref_params, index_fn: Callable[[int], jax.Array] = jnp.int32) -> dict:
-    results = [self._score_batch(policy_params, ref_params, index_fn(i)) for i in range(self.num_batches)]
-    rewards, kls, lengths = (np.concatenate([np.asarray(r[j]) for r in jax.device_get(results)])
-                             for j in range(3))
+  def __call__(self, policy_params, ref_params) -> dict:
+    rewards, kls, lengths = [], [], []
+    for i in range(self.num_batches):
+      prompts = self.prompt_fn(i)
+      tokens, mask, kl = to_host(self._sample_batch(policy_params, ref_params, prompts, self.placement.scalar(i)))
+      rewards.append(self.task.rewards(EVAL, to_host(prompts), tokens, mask))
+      kls.append(kl)
+      lengths.append(mask.sum(-1))
+    rewards, kls, lengths = (np.concatenate(x).astype(np.float64) for x in (rewards, kls, lengths))
     se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x)))
     j_per_prompt = rewards - self.beta * kls
     return {'reward': float(rewards.mean()), 'reward_se': se(rewards), 'kl': float(kls.mean()),

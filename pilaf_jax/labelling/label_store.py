@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS batches (
   batch_key TEXT PRIMARY KEY, step INTEGER NOT NULL, sampler TEXT NOT NULL, num_pairs INTEGER NOT NULL,
   prompt_len INTEGER NOT NULL, response_len INTEGER NOT NULL, cost TEXT NOT NULL, time REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pairs (
-  batch_key TEXT NOT NULL, row INTEGER NOT NULL,
+  batch_key TEXT NOT NULL, row INTEGER NOT NULL, prompt_id INTEGER NOT NULL,
   prompt BLOB NOT NULL, prompt_mask BLOB NOT NULL,
   response_a BLOB NOT NULL, response_b BLOB NOT NULL, mask_a BLOB NOT NULL, mask_b BLOB NOT NULL,
   policy_logprobs_a BLOB NOT NULL, policy_logprobs_b BLOB NOT NULL,
@@ -100,6 +100,7 @@ class LabelStore:
     """Writes one labelled batch atomically; returns after the commit reached the disk."""
     pairs = labelled.pairs
     arrays = {'prompt_tokens': np.asarray(pairs.prompts.tokens), 'prompt_mask': np.asarray(pairs.prompts.mask)}
+    prompt_ids = np.asarray(pairs.prompts.ids)
     for name in ('responses', 'response_mask', 'policy_logprobs', 'ref_logprobs'):
       arrays[name] = np.asarray(getattr(pairs, name))
     source, label = np.asarray(pairs.source), np.asarray(labelled.a_preferred)
@@ -111,13 +112,13 @@ class LabelStore:
       for field, idx, dtype in _ARRAY_COLUMNS.values():
         x = arrays[field][i] if idx is None else arrays[field][i, idx]
         blobs.append(np.ascontiguousarray(x, dtype).tobytes())
-      rows.append((batch_key, i, *blobs, int(source[i, 0]), int(source[i, 1]), int(label[i]),
+      rows.append((batch_key, i, int(prompt_ids[i]), *blobs, int(source[i, 0]), int(source[i, 1]), int(label[i]),
                    float(rewards[i, 0]), float(rewards[i, 1])))
     cost = json.dumps(pairs.cost.as_dict())
     with self._transaction():
       self._db.execute('INSERT INTO batches VALUES (?,?,?,?,?,?,?,?)',
                        (batch_key, step, sampler, b, arrays['prompt_tokens'].shape[1], r, cost, time.time()))
-      self._db.executemany(f'INSERT INTO pairs VALUES ({",".join("?" * (len(_ARRAY_COLUMNS) + 7))})', rows)
+      self._db.executemany(f'INSERT INTO pairs VALUES ({",".join("?" * (len(_ARRAY_COLUMNS) + 8))})', rows)
 
   # --- reading ---
   def get(self, batch_key: str) -> Optional[tuple[PreferenceBatch, np.ndarray]]:
@@ -129,23 +130,26 @@ class LabelStore:
     b, p, r, cost = meta
     columns = list(_ARRAY_COLUMNS)
     rows = self._db.execute(f'SELECT {",".join(columns)}, source_a, source_b, a_preferred, '
-                            'oracle_reward_a, oracle_reward_b FROM pairs WHERE batch_key=? ORDER BY row',
+                            'oracle_reward_a, oracle_reward_b, prompt_id FROM pairs WHERE batch_key=? '
+                            'ORDER BY row',
                             (batch_key,)).fetchall()
     if len(rows) != b:
       raise RuntimeError(f'Label store {self.path} batch {batch_key} has {len(rows)} of {b} pairs.')
     decoded = {c: np.stack([np.frombuffer(row[j], _ARRAY_COLUMNS[c][2]) for row in rows])
                for j, c in enumerate(columns)}
     k = len(columns)
-    tail = np.asarray([row[k:] for row in rows])
+    tail = [row[k:] for row in rows]  # source_a, source_b, a_preferred, reward_a, reward_b, prompt_id
+    column = lambda lo, hi, dtype: np.asarray([t[lo:hi] for t in tail], dtype)
     both = lambda a, bb: np.stack([decoded[a], decoded[bb]], axis=1)
     cost = SamplingCost(**{name: np.int32(v) for name, v in json.loads(cost).items()})
     pairs = PairBatch(
-        prompts=PromptBatch(decoded['prompt'].reshape(b, p), decoded['prompt_mask'].reshape(b, p)),
+        prompts=PromptBatch(decoded['prompt'].reshape(b, p), decoded['prompt_mask'].reshape(b, p),
+                            column(5, 6, np.int32)[:, 0]),
         responses=both('response_a', 'response_b'), response_mask=both('mask_a', 'mask_b'),
         policy_logprobs=both('policy_logprobs_a', 'policy_logprobs_b'),
         ref_logprobs=both('ref_logprobs_a', 'ref_logprobs_b'),
-        source=tail[:, :2].astype(np.int8), cost=cost)
-    return PreferenceBatch(pairs, tail[:, 2].astype(bool)), tail[:, 3:5].astype(np.float64)
+        source=column(0, 2, np.int8), cost=cost)
+    return PreferenceBatch(pairs, column(2, 3, bool)[:, 0]), column(3, 5, np.float64)
 
   def batch_keys(self) -> list[str]:
     return [row[0] for row in self._db.execute('SELECT batch_key FROM batches ORDER BY rowid')]
@@ -162,14 +166,15 @@ class LabelStore:
   def iter_rows(self) -> Iterator[dict]:
     """One dict per labelled pair, arrays as lists (for export and analysis)."""
     cur = self._db.execute(
-        f'SELECT p.batch_key, b.step, b.sampler, p.row, {",".join("p." + c for c in _ARRAY_COLUMNS)}, '
+        f'SELECT p.batch_key, b.step, b.sampler, p.row, p.prompt_id, '
+        f'{",".join("p." + c for c in _ARRAY_COLUMNS)}, '
         'p.source_a, p.source_b, p.a_preferred, p.oracle_reward_a, p.oracle_reward_b '
         'FROM pairs p JOIN batches b USING (batch_key) ORDER BY b.rowid, p.row')
     for row in cur:
-      out = dict(batch_key=row[0], step=row[1], sampler=row[2], row=row[3])
+      out = dict(batch_key=row[0], step=row[1], sampler=row[2], row=row[3], prompt_id=row[4])
       for j, (column, (_, _, dtype)) in enumerate(_ARRAY_COLUMNS.items()):
-        out[column] = np.frombuffer(row[4 + j], dtype).tolist()
-      k = 4 + len(_ARRAY_COLUMNS)
+        out[column] = np.frombuffer(row[5 + j], dtype).tolist()
+      k = 5 + len(_ARRAY_COLUMNS)
       out.update(source_a=row[k], source_b=row[k + 1], a_preferred=bool(row[k + 2]),
                  oracle_reward_a=row[k + 3], oracle_reward_b=row[k + 4])
       yield out

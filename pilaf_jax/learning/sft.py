@@ -1,15 +1,18 @@
-"""Supervised fine-tuning: the reference policy imitates the task's behaviour responses."""
+"""Supervised fine-tuning: the reference policy imitates the task's behaviour responses (for tasks
+whose reference is trained here, like the synthetic one; real tasks load theirs)."""
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from pilaf_jax.batches import PromptBatch
-from pilaf_jax.learning.train_state import TrainState
-from pilaf_jax.model.llama import Llama
+from pilaf_jax.learning.train_state import TrainState, init_train_state, make_optimizer
+from pilaf_jax.model.llama import Llama, init_params
 from pilaf_jax.model.scoring import response_logprobs
 
 
@@ -26,3 +29,36 @@ def sft_step(state: TrainState, prompts: PromptBatch, responses: jax.Array, resp
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), {'sft_loss': loss}
+
+
+def train_reference(task, model: Llama, placement, sft_cfg, key: Callable[[int, int], jax.Array],
+                    log: Callable[[str], None] = print) -> dict:
+  """Fine-tunes a fresh model on the task's behaviour demonstrations (task.sft_batch); returns params.
+
+  key(stream, i) gives the run's random keys (streams INIT_STREAM for the init, SFT_STREAM per step).
+  """
+  from pilaf_jax.experiment import INIT_STREAM, SFT_STREAM  # The run's stream ids.
+  c = sft_cfg
+  tx = make_optimizer(c.learning_rate, c.warmup_steps, c.weight_decay)
+  state_sharding = placement.train_state(tx)
+  init = jax.jit(lambda rng: init_train_state(init_params(model.cfg, rng), tx),
+                 in_shardings=(placement.replicated,), out_shardings=state_sharding)
+  state = init(key(INIT_STREAM, 0))
+  allowed = None if task.allowed_tokens is None else jnp.asarray(task.allowed_tokens)
+
+  def step(state, index):
+    prompts, responses, mask = task.sft_batch(key(SFT_STREAM, index), c.batch_size)
+    rows = placement.constrain_rows
+    return sft_step(state, rows(prompts), rows(responses), rows(mask), model=model, tx=tx,
+                    allowed_tokens=allowed)
+  step = jax.jit(step, in_shardings=(state_sharding, placement.replicated),
+                 out_shardings=(state_sharding, placement.replicated), donate_argnums=0)
+
+  start, losses = time.time(), []
+  for i in range(c.steps):
+    state, metrics = step(state, placement.scalar(i))
+    losses.append(metrics['sft_loss'])
+  losses = np.asarray(jax.device_get(losses))
+  log(f'Reference policy: SFT on behaviour responses, {c.steps} steps in {time.time() - start:.1f} s, '
+      f'loss {float(np.mean(losses[:10])):.3f} -> {float(np.mean(losses[-10:])):.3f}.')
+  return state.params

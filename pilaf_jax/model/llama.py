@@ -11,12 +11,17 @@ of (params, cache, tokens).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+CHECKPOINT_FIELDS = ('checkpoint', 'reference_checkpoint')  # config.model fields that name files.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +35,12 @@ class LlamaConfig:
   num_kv_heads: int
   head_dim: Optional[int] = None  # None or 0: hidden_size // num_heads.
   rope_theta: float = 10_000.0
+  # Llama 3.1 rope scaling (HF rope_type 'llama3'); '' is plain rotary.
+  rope_scaling: str = ''
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
   rms_norm_eps: float = 1e-5
   tie_embeddings: bool = False
   attention_bias: bool = False  # Qwen2 uses q/k/v biases.
@@ -44,6 +55,8 @@ class LlamaConfig:
     if not self.head_dim and self.hidden_size % self.num_heads:
       raise ValueError(f'model.hidden_size={self.hidden_size} must be divisible by '
                        f'model.num_heads={self.num_heads} (or set model.head_dim).')
+    if self.rope_scaling not in ('', 'llama3'):
+      raise ValueError(f"model.rope_scaling={self.rope_scaling!r} must be '' or 'llama3'.")
 
   @property
   def resolved_head_dim(self) -> int:
@@ -51,8 +64,9 @@ class LlamaConfig:
 
   @classmethod
   def from_config(cls, cfg) -> 'LlamaConfig':
-    """Builds from a ConfigDict (or dict) holding exactly this dataclass's fields."""
-    cfg = dict(cfg)
+    """Builds from config.model (a ConfigDict or dict): this dataclass's fields, plus the names of
+    checkpoints to load, which are not architecture and are ignored here."""
+    cfg = {k: v for k, v in dict(cfg).items() if k not in CHECKPOINT_FIELDS}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(cfg) - names)
     if unknown:
@@ -95,10 +109,38 @@ class RMSNorm(nn.Module):
     return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Half-split rotary embedding. x: [B, T, H, D], positions: [B, T]."""
+def rotary_inv_freq(cfg: LlamaConfig, head_dim: int) -> np.ndarray:
+  """Inverse rotary frequencies [head_dim / 2] (float32), with Llama 3.1 scaling when configured.
+
+  Computed in numpy at trace time, so it is a constant of the compiled program. Follows transformers'
+  `_compute_llama3_parameters`: long wavelengths are divided by the factor, short ones kept, and the
+  band between is interpolated.
+  """
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  inv_freq = inv_freq.astype(np.float32)
+  if cfg.rope_scaling == 'llama3':
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_position
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv_freq
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, theta: float | np.ndarray) -> jax.Array:
+  """Half-split rotary embedding. x: [B, T, H, D], positions: [B, T].
+
+  theta: the base (plain rotary), or the inverse frequencies [D / 2] from rotary_inv_freq.
+  """
   d = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if np.ndim(theta) == 0:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  else:
+    inv_freq = jnp.asarray(theta, jnp.float32)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -128,8 +170,10 @@ class Attention(nn.Module):
     q = _dense(cfg.num_heads * hd, 'q_proj', cfg, cfg.attention_bias)(x).reshape(b, t, cfg.num_heads, hd)
     k = _dense(cfg.num_kv_heads * hd, 'k_proj', cfg, cfg.attention_bias)(x).reshape(b, t, cfg.num_kv_heads, hd)
     v = _dense(cfg.num_kv_heads * hd, 'v_proj', cfg, cfg.attention_bias)(x).reshape(b, t, cfg.num_kv_heads, hd)
-    q = apply_rotary(q, positions, cfg.rope_theta)
-    k = apply_rotary(k, positions, cfg.rope_theta)
+    # Plain rotary keeps the original expression (bit-identical to before); scaling needs the table.
+    rope = rotary_inv_freq(cfg, hd) if cfg.rope_scaling else cfg.rope_theta
+    q = apply_rotary(q, positions, rope)
+    k = apply_rotary(k, positions, rope)
 
     if layer_kv is None:
       keys, values, new_kv = k, v, None
@@ -183,8 +227,12 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array,
-               cache: Optional[KVCache] = None) -> tuple[jax.Array, Optional[KVCache]]:
+               cache: Optional[KVCache] = None,
+               return_hidden: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
     """tokens, positions, token_valid: [B, T]. Returns (logits [B, T, V] float32, new cache).
+
+    With return_hidden, returns the final-norm hidden states [B, T, d] (float32) instead of logits,
+    without creating or using lm_head (reward models put their own head on them).
 
     Without a cache, attention is causal over these T tokens, ignoring invalid (padding) ones. With a
     cache, the T tokens are written into slots [cache.index, cache.index + T) and attend to every
@@ -208,14 +256,16 @@ class Llama(nn.Module):
         new_k.append(kv[0])
         new_v.append(kv[1])
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='norm')(x)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = _dense(cfg.vocab_size, 'lm_head', cfg)(x)
     new_cache = None
     if cache is not None:
       new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=keys_valid,
                           index=cache.index + tokens.shape[1])
+    if return_hidden:
+      return x.astype(jnp.float32), new_cache
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = _dense(cfg.vocab_size, 'lm_head', cfg)(x)
     return logits.astype(jnp.float32), new_cache
 
 

@@ -38,6 +38,8 @@ LLAMA_RULES: Rules = (
     (r'/mlp/(gate_proj|up_proj)/kernel$', P('fsdp', 'tensor')),
     (r'/mlp/down_proj/kernel$', P('tensor', 'fsdp')),
     (r'(^|/)lm_head/kernel$', P('fsdp', 'tensor')),
+    # Reward-model head [d, num_labels]: num_labels is tiny (often 1), so only d is split.
+    (r'(^|/)score/kernel$', P('fsdp', None)),
     # Replicated: every device needs all of a norm, and biases are tiny.
     (r'(^|/)(input_layernorm|post_attention_layernorm|norm)/scale$', P()),
     (r'/bias$', P()),

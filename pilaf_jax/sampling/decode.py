@@ -11,11 +11,12 @@ lax.while_loop: no host round-trip per token, static shapes, early exit once eve
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pilaf_jax.batches import PromptBatch
 from pilaf_jax.model.llama import KVCache, Llama
@@ -44,12 +45,28 @@ class RowLayout:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
+  """max_new_tokens: R. eos_ids: the stop tokens, one id or several (Llama-3 instruct ends with
+  either <|eot_id|> or <|end_of_text|>); the first is the canonical one."""
   max_new_tokens: int
-  eos_id: int
+  eos_ids: Union[int, tuple[int, ...]]
   pad_id: int = 0
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+
+  def __post_init__(self):
+    ids = (self.eos_ids,) if isinstance(self.eos_ids, (int, np.integer)) else tuple(self.eos_ids)
+    if not ids:
+      raise ValueError('DecodeSettings needs at least one stop token (eos_ids).')
+    object.__setattr__(self, 'eos_ids', tuple(int(i) for i in ids))
+
+  @property
+  def eos_id(self) -> int:
+    return self.eos_ids[0]
+
+  def is_stop(self, tokens: jax.Array) -> jax.Array:
+    """True where a token ends its response."""
+    return jnp.isin(tokens, jnp.asarray(self.eos_ids, tokens.dtype))
 
 
 @flax.struct.dataclass
@@ -136,7 +153,7 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
     if run_ref:
       new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(_token_logprob(lp_ref, token[ref_rows]))
     out = {k: out[k].at[:, t].set(jnp.where(valid, new[k], out[k][:, t])) for k in out}
-    done = done | (token == settings.eos_id)
+    done = done | settings.is_stop(token)
 
     # Feed the sampled token: it sits at slot P + t and position prompt_len + t.
     step_pos = (prompt_len + t)[:, None]

@@ -99,34 +99,43 @@ def vanilla(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch
 
 @register_sampler('pilaf')
 def pilaf(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch, rng) -> PairBatch:
-  """Algorithm 1: a vanilla pair for a random half of the prompts, (pi_plus, pi_minus) for the rest.
+  """Algorithm 1: a vanilla pair for a random share of the prompts, (pi_plus, pi_minus) for the rest.
 
-  The coin is stratified (exactly round(B * vanilla_fraction) vanilla pairs, at random positions) so
-  shapes stay static and the reference runs only on the rows that mix.
+  The coin is stratified so that shapes stay static and the reference runs only on the rows that
+  mix: after a random permutation, the first floor(B * f) prompts get a vanilla pair and the rest a
+  mixed one (f = vanilla_fraction). When B * f is not an integer, the prompt at the boundary is
+  decoded both ways and a coin with probability frac(B * f) keeps its vanilla pair, so every prompt
+  gets a vanilla pair with probability exactly f at any batch size (the discarded pair is counted
+  in the cost: it ran).
   """
   b = prompts.size
   k_perm, k_decode = jax.random.split(rng)
   prompts = prompts.take(jax.random.permutation(k_perm, b))
-  nv = int(round(b * ctx.vanilla_fraction))
-  npl = b - nv
-  vanilla_prompts, mixed_prompts = prompts.take(slice(0, nv)), prompts.take(slice(nv, b))
-  rows = PromptBatch(*[jnp.concatenate([v, v, m, m]) for v, m in
-                       zip((vanilla_prompts.tokens, vanilla_prompts.mask),
-                           (mixed_prompts.tokens, mixed_prompts.mask))])
-  layout = RowLayout(policy_only=2 * nv, mixed=2 * npl)
-  coef = jnp.concatenate([jnp.full((npl,), 1 + ctx.beta), jnp.full((npl,), 1 - ctx.beta)])
+  exact = b * ctx.vanilla_fraction
+  nv = int(np.floor(exact + 1e-9))  # Prompts that surely get a vanilla pair.
+  swing = int(exact - nv > 1e-9)  # 1 when the boundary prompt is decided by a coin.
+  nvr, nm = nv + swing, b - nv  # Prompts decoded as vanilla pairs, as mixed pairs.
+  vanilla_prompts, mixed_prompts = prompts.take(slice(0, nvr)), prompts.take(slice(nv, b))
+  rows = PromptBatch.concatenate([vanilla_prompts, vanilla_prompts, mixed_prompts, mixed_prompts])
+  layout = RowLayout(policy_only=2 * nvr, mixed=2 * nm)
+  coef = jnp.concatenate([jnp.full((nm,), 1 + ctx.beta), jnp.full((nm,), 1 - ctx.beta)])
   ro = ctx.decode(policy_params, ref_params, rows, coef, k_decode, layout)
-  vanilla_rows = slice(0, 2 * nv)
+  vanilla_rows = slice(0, 2 * nvr)
   scored = ctx.score(ctx.ref, ref_params, rows.take(vanilla_rows), ro.tokens[vanilla_rows],
                      ro.mask[vanilla_rows])
-  ref_lp = jnp.concatenate([scored, ro.ref_logprobs[2 * nv:]])
+  ref_lp = jnp.concatenate([scored, ro.ref_logprobs[2 * nvr:]])
   cost = _decode_cost(rows, ro, layout).replace(
       ref_scoring_tokens=_scoring_tokens(rows.take(vanilla_rows), ro.mask[vanilla_rows]))
-  # Pair i: vanilla rows (i, nv + i) for i < nv, then mixed rows (2nv + j, 2nv + npl + j).
-  a = jnp.concatenate([jnp.arange(nv), 2 * nv + jnp.arange(npl)])
-  bb = jnp.concatenate([nv + jnp.arange(nv), 2 * nv + npl + jnp.arange(npl)])
+  # Pair i < nv: vanilla rows (i, nvr + i); pair nv + j: mixed rows (2 nvr + j, 2 nvr + nm + j),
+  # except the boundary prompt (i = nv), which keeps its vanilla rows when the coin says so.
+  i = jnp.arange(b)
+  is_vanilla = i < nv
+  if swing:
+    is_vanilla = is_vanilla | ((i == nv) & jax.random.bernoulli(jax.random.fold_in(k_perm, 1), exact - nv))
+  j = jnp.maximum(i - nv, 0)
+  a = jnp.where(is_vanilla, i, 2 * nvr + j)
+  bb = jnp.where(is_vanilla, nvr + i, 2 * nvr + nm + j)
   pick = lambda x: (x[a], x[bb])
-  is_vanilla = jnp.arange(b) < nv
   pairs = _assemble(prompts, pick(ro.tokens), pick(ro.mask), pick(ro.policy_logprobs), pick(ref_lp),
                     (POLICY, POLICY), cost)
   source = jnp.stack([jnp.where(is_vanilla, POLICY, PI_PLUS), jnp.where(is_vanilla, POLICY, PI_MINUS)], 1)

@@ -94,7 +94,7 @@ def decode_uncached(policy: Llama, ref: Llama, policy_params, ref_params, prompt
       if run_ref:
         new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(_token_logprob(lp_ref, token[ref_rows]))
       out = {k: out[k].at[:, t].set(jnp.where(live, new[k], out[k][:, t])) for k in out}
-      done = done | (token == settings.eos_id)
+      done = done | settings.is_stop(token)
       # Append the sampled token at slot P + t (invalid for rows that had already ended).
       buf_tokens = jax.lax.dynamic_update_slice(buf_tokens, token[:, None], (0, p + t))
       buf_valid = jax.lax.dynamic_update_slice(buf_valid, live[:, None], (0, p + t))

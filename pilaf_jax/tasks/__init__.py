@@ -1,13 +1,40 @@
-"""Tasks: where prompts come from, which tokens a response may use, and the hidden oracle reward."""
-from pilaf_jax.tasks.synthetic import (BOS, EOS, PAD, SyntheticTaskConfig, SyntheticWorld, make_world,
-                                       oracle_reward, sample_behaviour, sample_prompts)
+"""Tasks: where prompts come from, which tokens a response may use, where the reference comes from,
+and the oracle's reward. `Task` (base.py) is the interface; the registry maps task.name to a builder.
 
-TASKS = ('synthetic',)
+  synthetic  the embedded hidden world (no downloads, CPU, minutes); the reference is SFT'd here.
+  chat       real text: a chat model from a checkpoint, prompts from a dataset (HH-RLHF through
+             tensorflow-datasets, or a JSONL file), a reward model or an LLM judge as the oracle.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from pilaf_jax.tasks.base import (EVAL, REFERENCE_CHECKPOINT, REFERENCE_SFT, SPLITS, TRAIN, Task)
+from pilaf_jax.tasks.synthetic import (BOS, EOS, PAD, SyntheticTask, SyntheticTaskConfig, SyntheticWorld,
+                                       make_world, oracle_reward, sample_behaviour, sample_prompts)
 
 
-def make_task(task_cfg) -> SyntheticWorld:
-  """Builds the task named by task_cfg.name."""
-  if task_cfg.name != 'synthetic':
-    raise ValueError(f"task.name={task_cfg.name!r} is not available here; allowed: {list(TASKS)}. "
-                     'Real-data tasks need their loader (see README, "Scaling up").')
-  return make_world(SyntheticTaskConfig.from_config(task_cfg))
+def _synthetic(config, run_key: jax.Array, placement, workdir: str) -> Task:
+  del placement, workdir  # Its reward is a small jitted function; it needs no mesh and no files.
+  return SyntheticTask(SyntheticTaskConfig.from_config(config.task), run_key)
+
+
+def _chat(config, run_key: jax.Array, placement, workdir: str) -> Task:
+  from pilaf_jax.tasks.chat import build_chat_task  # Imports transformers and tfds: only when asked.
+  return build_chat_task(config, run_key, placement, workdir)
+
+
+TASKS: dict[str, Callable[..., Task]] = {'synthetic': _synthetic, 'chat': _chat}
+
+
+def make_task(config, run_key: jax.Array, placement=None, workdir: str = '') -> Task:
+  """Builds the task named by config.task.name (the whole config: a task may need the model's).
+
+  placement: the run's mesh placement (for oracles that run a model); workdir: where a task may
+  keep what it prepares once (a dataset build).
+  """
+  if config.task.name not in TASKS:
+    raise ValueError(f'task.name={config.task.name!r} is unknown; allowed: {sorted(TASKS)}.')
+  return TASKS[config.task.name](config, run_key, placement, workdir)

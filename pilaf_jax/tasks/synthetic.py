@@ -13,6 +13,8 @@ so raising the reward costs KL: the trade-off J = reward - beta * KL is real.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Optional
 
 import flax
 import jax
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pilaf_jax.batches import PromptBatch
+from pilaf_jax.tasks.base import EVAL, REFERENCE_SFT, SPLITS, TRAIN
 
 PAD, BOS, EOS = 0, 1, 2
 FIRST_CONTENT = 3
@@ -128,3 +131,72 @@ def oracle_reward(world: SyntheticWorld, prompts: PromptBatch, responses: jax.Ar
   content = response_mask & (responses >= FIRST_CONTENT)
   total = jnp.where(content, token_utility, 0.0).sum(-1)
   return world.cfg.reward_scale * total / (content.sum(-1) + _LENGTH_SMOOTHING)
+
+
+_TRAIN_PROMPT_STREAM, _EVAL_PROMPT_STREAM = 0x7A5C0, 0x7A5C1  # Distinct from experiment.py's streams.
+
+
+def prompts_by_id(world: SyntheticWorld, stream_key: jax.Array, ids: jax.Array) -> PromptBatch:
+  """The prompts with these ids: prompt k is drawn from fold_in(stream_key, k) alone, so a prompt
+  is the same whatever batch it is drawn in."""
+  def one(prompt_id):
+    k_topic, k_tok = jax.random.split(jax.random.fold_in(stream_key, prompt_id))
+    topic = jax.random.randint(k_topic, (), 0, world.cfg.num_topics)
+    tokens = jax.random.categorical(k_tok, world.topic_logprobs[topic], shape=(world.cfg.prompt_len - 1,))
+    return jnp.concatenate([jnp.full((1,), BOS), tokens]).astype(jnp.int32)
+  tokens = jax.vmap(one)(ids)
+  return PromptBatch(tokens, jnp.ones_like(tokens, bool), ids.astype(jnp.int32))
+
+
+class SyntheticTask:
+  """The synthetic world behind the Task protocol.
+
+  Prompts are generated, not read, so both splits are endless: prompt k of a split is drawn from
+  fold_in(split key, k). The train stream follows the run's seed; the held-out stream follows only
+  the world, so every seed of a study is evaluated on the same prompts (as with a real test split).
+  Batch `index` of n holds the prompts index * n .. index * n + n - 1.
+  """
+
+  reference_source = REFERENCE_SFT
+
+  def __init__(self, cfg: SyntheticTaskConfig, run_key: jax.Array):
+    self.world = make_world(cfg)
+    self.cfg = cfg
+    self.prompt_len, self.response_len = cfg.prompt_len, cfg.response_len
+    self.pad_id, self.eos_ids, self.bos_id = PAD, (EOS,), BOS
+    self._split_keys = {TRAIN: jax.random.fold_in(run_key, _TRAIN_PROMPT_STREAM),
+                        EVAL: jax.random.fold_in(jax.random.key(cfg.world_seed), _EVAL_PROMPT_STREAM)}
+    self._allowed = np.asarray(self.world.allowed_response_tokens)
+    self._prompt_fn = jax.jit(functools.partial(prompts_by_id, self.world))
+    self._reward_fn = jax.jit(functools.partial(oracle_reward, self.world))
+
+  @property
+  def allowed_tokens(self) -> np.ndarray:
+    return self._allowed
+
+  def num_prompts(self, split: str) -> Optional[int]:
+    return None
+
+  def _key(self, split: str) -> jax.Array:
+    if split not in self._split_keys:
+      raise ValueError(f'split={split!r}; allowed: {list(SPLITS)}.')
+    return self._split_keys[split]
+
+  def prompts(self, split: str, index: int, n: int) -> PromptBatch:
+    ids = np.arange(index * n, (index + 1) * n, dtype=np.int32)
+    return jax.tree.map(np.asarray, self._prompt_fn(self._key(split), ids))
+
+  def sft_batch(self, rng: jax.Array, n: int) -> tuple[PromptBatch, jax.Array, jax.Array]:
+    """n behaviour demonstrations (prompts, responses [n, R], mask [n, R]); pure, for jit."""
+    k_prompt, k_resp = jax.random.split(rng)
+    prompts, topics = sample_prompts(self.world, k_prompt, n)
+    responses, mask = sample_behaviour(self.world, k_resp, prompts, topics)
+    return prompts, responses, mask
+
+  def rewards(self, split: str, prompts: PromptBatch, responses: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    del split  # The hidden reward reads the prompt's tokens.
+    return np.asarray(self._reward_fn(PromptBatch(prompts.tokens, prompts.mask), responses, mask))
+
+  def describe(self, split: str, prompt_id: int) -> str:
+    tokens = self._prompt_fn(self._key(split), np.asarray([prompt_id], np.int32)).tokens[0]
+    return ' '.join(str(int(t)) for t in np.asarray(tokens))

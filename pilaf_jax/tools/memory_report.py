@@ -99,6 +99,24 @@ def activation_bytes(cfg: LlamaConfig, sequences: int, prompt_len: int, response
   return sequences * per_sequence
 
 
+def _oracle_rows(config, sizes) -> tuple:
+  """The oracle model's params, for oracles that run a model (a reward model or a judge). Its
+  architecture is read from oracle.checkpoint when that exists here, else taken to be the policy's."""
+  if config.oracle.reward not in ('reward_model', 'judge'):
+    return ()
+  import os
+  from pilaf_jax.model import checkpoints, hf
+  cfg, num_labels = LlamaConfig.from_config(config.model), 1
+  if os.path.exists(checkpoints.resolve_path(config.oracle.checkpoint)):
+    cfg, info = checkpoints.read_checkpoint_config(config.oracle.checkpoint)
+    num_labels = info.num_labels or 1
+  shapes = hf.hf_param_shapes(cfg, num_labels if config.oracle.reward == 'reward_model' else 0,
+                              dtype=config.oracle.dtype)
+  specs = partitioning.param_partition_specs(shapes, mesh=sizes)
+  return (Row(f'oracle params ({config.oracle.reward}, {config.oracle.dtype})', partitioning.total_bytes(shapes),
+              partitioning.per_device_bytes(shapes, specs, sizes)),)
+
+
 def build_report(config, num_devices: int) -> Report:
   """Every row of the report for `config` on `num_devices` devices. Raises ValueError on misfit."""
   sizes = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_mesh_shape(config.mesh, num_devices)))
@@ -132,6 +150,7 @@ def build_report(config, num_devices: int) -> Report:
   rows = (
       param_row('policy params'),
       param_row('reference params'),
+      *_oracle_rows(config, sizes),
       Row('AdamW state (mu, nu)', partitioning.total_bytes(opt_state),
           partitioning.per_device_bytes(opt_state, opt_specs, sizes)),
       param_row('gradients'),
