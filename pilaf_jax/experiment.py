@@ -29,6 +29,7 @@ from pilaf_jax.labelling.oracles import make_label_rule
 from pilaf_jax.learning.dpo import dpo_step
 from pilaf_jax.learning.sft import train_reference
 from pilaf_jax.learning.train_state import RunState, TrainState, init_train_state, make_optimizer
+from pilaf_jax.loops.timing import PhaseTimer
 from pilaf_jax.model.checkpoints import load_params
 from pilaf_jax.model.llama import Llama, LlamaConfig
 from pilaf_jax.parallel.mesh import batch_sharding, check_batch_divisible, make_mesh
@@ -128,6 +129,7 @@ class Experiment:
   def __post_init__(self):
     c = self.config
     self.run_key = jax.random.key(c.seed)
+    self.phases = PhaseTimer()
     self.model = Llama(model_config(c.model))
     self.ref_model = self.model  # The reference shares the policy's architecture (and vocabulary).
     try:
@@ -181,7 +183,8 @@ class Experiment:
         every_steps=ck.every_steps, every_seconds=ck.every_seconds, async_save=ck.async_save)
 
   def evaluate(self, policy_params, ref_params) -> dict:
-    return self.evaluator(policy_params, ref_params)
+    with self.phases.phase('evaluate'):
+      return self.evaluator(policy_params, ref_params)
 
   def _key(self, stream: int, index) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(self.run_key, stream), index)
@@ -270,16 +273,29 @@ class Experiment:
                                   np.zeros((n,), bool)), None)
       return self.placement.to_global(broadcast_from_main(stored[0])), True
     # Finish sampling before logging the query: the log-to-commit window stays as short as possible.
-    pairs = jax.block_until_ready(sampler(policy_params, ref_params, self.prompts(index, n), index_array))
-    if self.store is not None:
-      self.store.log_query(batch_key, n)
-    host_pairs = to_host(pairs)  # A collective: every process takes part.
-    rewards = self.oracle_rewards(host_pairs)
-    a_preferred = np.asarray(self.label_rule(rewards, index_array))
-    labelled = PreferenceBatch(pairs, self.placement.to_global(a_preferred))
-    if self.store is not None:
-      self.store.put(batch_key, step, sampler_name, PreferenceBatch(host_pairs, a_preferred), rewards)
+    with self.phases.phase('sample'):
+      pairs = jax.block_until_ready(sampler(policy_params, ref_params, self.prompts(index, n), index_array))
+      host_pairs = to_host(pairs)  # A collective: every process takes part.
+    self.phases.count('sample_tokens', int(host_pairs.cost.policy_decode_tokens) +
+                      int(host_pairs.cost.ref_decode_tokens))
+    with self.phases.phase('label'):
+      if self.store is not None:
+        self.store.log_query(batch_key, n)
+      rewards = self.oracle_rewards(host_pairs)
+      a_preferred = np.asarray(self.label_rule(rewards, index_array))
+      labelled = PreferenceBatch(pairs, self.placement.to_global(a_preferred))
+      if self.store is not None:
+        self.store.put(batch_key, step, sampler_name, PreferenceBatch(host_pairs, a_preferred), rewards)
+    self.phases.count('label_pairs', n)
     return labelled, False
+
+  def train(self, state: TrainState, batch: PreferenceBatch) -> tuple[TrainState, dict]:
+    """One DPO step, timed (and waited for: see loops/timing.py)."""
+    with self.phases.phase('train'):
+      state, metrics = jax.block_until_ready(self.train_step(state, batch))
+    b, _, r = batch.pairs.responses.shape
+    self.phases.count('train_tokens', 2 * b * (batch.pairs.prompts.tokens.shape[1] + r))
+    return state, metrics
 
   def init_policy_state(self, policy_params) -> TrainState:
     """A fresh train state (copies of the params, zero optimiser moments)."""

@@ -78,6 +78,7 @@ def run(config, workdir: str) -> int:
       from pilaf_jax.loops.iterative import run_iterative
       run_iterative(exp, _print)
     counts = exp.store.counts() if exp.store is not None else None
+    time_split = exp.phases.summary()
   except user_errors as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -89,7 +90,8 @@ def run(config, workdir: str) -> int:
       rows = [json.loads(line) for line in f if line.strip()]
     print('\n' + format_table(rows))
     print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '
-          f'Wall time {timer.elapsed():.0f} s. Metrics: {os.path.join(workdir, "metrics.jsonl")}', flush=True)
+          f'Wall time {timer.elapsed():.0f} s. Metrics: {os.path.join(workdir, "metrics.jsonl")}')
+    print(time_split, flush=True)
   return 0
 
 

@@ -118,6 +118,22 @@ def test_chat_run_stores_labels_that_find_their_prompts(world, tmp_path, capsys)
   np.testing.assert_allclose([r[4] for r in stored], recomputed, rtol=1e-5, atol=1e-5)
   assert np.std(recomputed) > 0  # The reward model tells responses apart.
 
+  # The trained policy exports to the Hugging Face layout: transformers reads the same weights.
+  import torch
+  import transformers
+  from pilaf_jax.model.hf import load_hf_checkpoint
+  from pilaf_jax.tools.export_policy import export_policy
+  assert export_policy(str(tmp_path / 'run'), str(tmp_path / 'export')) == 3
+  _, trained = load_hf_checkpoint(str(tmp_path / 'export'))
+  _, initial = load_hf_checkpoint(world['policy'])
+  kernel = lambda p: np.asarray(p['layers_1']['mlp']['down_proj']['kernel'])
+  assert not np.allclose(kernel(trained), kernel(initial))  # Three DPO steps moved it.
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'export'))
+  torch_kernel = torch_model.model.layers[1].mlp.down_proj.weight.detach().numpy().T
+  np.testing.assert_array_equal(torch_kernel, kernel(trained))
+  assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'export')).chat_template
+  del torch
+
 
 def test_judge_scores_yes_minus_no_logits(world):
   from pilaf_jax.labelling.text_oracles import make_text_oracle

@@ -134,3 +134,24 @@ def test_8b_batches_divide_the_mesh(name):
   assert config.model.vocab_size == config.task.vocab_size == V
   for field in ('dpo', 'sft', 'eval'):
     assert config[field].batch_size % CONFIGS[name] == 0
+
+
+@pytest.mark.parametrize('name', list(CONFIGS) + ['smollm2_demo'])
+def test_real_model_configs_pass_validation(name):
+  """The paper-scale configs name HH-RLHF, a checkpoint and a reward model by path; validation
+  checks them without the files (which exist only on the cluster)."""
+  from pilaf_jax import config_validation
+  config = load_config(name)
+  config_validation.validate(config)
+  assert config.task.name == 'chat' and config.model.checkpoint and config.oracle.checkpoint
+  if name != 'smollm2_demo':
+    assert config.task.dataset == 'hh_rlhf' and config.oracle.reward == 'reward_model'
+    assert config.model.rope_scaling == 'llama3'  # Llama 3.1.
+
+
+def test_oracle_reward_model_is_planned():
+  """A Llama-3.1-8B classifier in bfloat16: the LM's params less lm_head, plus a [D, 1] score head."""
+  report = memory_report.build_report(load_config('llama3_8b_8xh100'), 8)
+  row = report.row('oracle params (reward_model, bfloat16)')
+  assert row.total_bytes == 2 * (NUM_PARAMS - V * D + D)
+  assert row.per_device_bytes == 2 * ((MATRIX_PARAMS - V * D) // 8 + NORM_PARAMS + D // 8)

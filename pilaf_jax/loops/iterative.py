@@ -70,7 +70,9 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
 
   def evaluate(iteration: int):
     row = evaluation_row(exp.evaluate, run.train.params, ref_params, run, step, iteration=iteration)
+    row.update(exp.phases.row())
     writer.write(row, step)
+    writer.scalars(exp.phases.row(), step, prefix='time/')
     rows.append(row)
 
   if fresh:
@@ -95,7 +97,7 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
         for k in range(start_mb, steps_per_epoch):
           minibatch = jax.tree.map(lambda x: x[order[k * batch:(k + 1) * batch]],
                                    data.replace(pairs=data.pairs.replace(cost=None)))
-          run = run.replace(train=exp.train_step(run.train, minibatch)[0])
+          run = run.replace(train=exp.train(run.train, minibatch)[0])
           step += 1
           bar.update()
           last = e == it.epochs - 1 and k == steps_per_epoch - 1
@@ -107,7 +109,8 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
             meta = ({'iteration': i + 1, 'epoch': 0, 'minibatch': 0} if last else
                     {'iteration': i, 'epoch': e + (k + 1) // steps_per_epoch,
                      'minibatch': (k + 1) % steps_per_epoch})
-            exp.checkpointer.save(step, run, {'loop': 'iterative', **meta})
+            with exp.phases.phase('checkpoint'):
+              exp.checkpointer.save(step, run, {'loop': 'iterative', **meta})
           if preemption.requested:
             exp.checkpointer.wait()
             log(f'SIGTERM: saved step {step}; run the same command again to resume.')

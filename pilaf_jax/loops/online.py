@@ -24,6 +24,7 @@ def run_online(exp: Experiment, log=print) -> list[dict]:
 
   def evaluate(step: int):
     row = evaluation_row(exp.evaluate, run.train.params, ref_params, run, step)
+    row.update(exp.phases.row())
     writer.write(row, step)
     rows.append(row)
 
@@ -36,7 +37,7 @@ def run_online(exp: Experiment, log=print) -> list[dict]:
     for t in range(start, c.online.steps):
       labelled, _ = exp.labelled_batch(f'online/{t:06d}', t, t, c.sampler.name, run.train.params,
                                        ref_params, batch)
-      train, metrics = exp.train_step(run.train, labelled)
+      train, metrics = exp.train(run.train, labelled)
       run = RunState(train=train, cost=run.cost + labelled.pairs.cost,
                      labels_used=run.labels_used + batch)
       step = t + 1
@@ -44,11 +45,13 @@ def run_online(exp: Experiment, log=print) -> list[dict]:
       if step % c.runtime.log_every_steps == 0:
         metrics = jax.device_get(metrics)
         writer.scalars(metrics, step)
+        writer.scalars(exp.phases.row(), step, prefix='time/')
         bar.set_postfix(loss=f'{float(metrics["dpo_loss"]):.3f}')
       if step % c.eval.every_steps == 0 or step == c.online.steps:
         evaluate(step)
       if exp.checkpointer.due(step) or step == c.online.steps or preemption.requested:
-        exp.checkpointer.save(step, run, {'loop': 'online', 'step': step})
+        with exp.phases.phase('checkpoint'):
+          exp.checkpointer.save(step, run, {'loop': 'online', 'step': step})
       if preemption.requested:
         exp.checkpointer.wait()
         log(f'SIGTERM: saved step {step}; run the same command again to resume.')
