@@ -36,12 +36,54 @@ try:  # With a default file, config_flags applies --config.* overrides right her
 except _USER_ERRORS as e:
   _exit_bad_command_line(e)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, labels and metrics.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved config, the mesh and the per-device '
+                             'memory estimate, then exit without running (no --workdir needed).')
+
+
+def _config_list() -> str:
+  """One line per config file in the repository's configs/ (its docstring's first line)."""
+  import ast
+  directory = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+  if not os.path.isdir(directory):
+    return ''
+  lines = []
+  for name in sorted(os.listdir(directory)):
+    if name.endswith('.py'):
+      with open(os.path.join(directory, name)) as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ''
+      lines.append(f'  configs/{name:<24} {doc.splitlines()[0] if doc else ""}')
+  return '\n\nConfigs (--config=...):\n' + '\n'.join(lines)
+
+
+__doc__ += _config_list()  # absl's --help prints the main module's docstring.
 
 
 def _print(message: str) -> None:
   import jax
   if jax.process_index() == 0:
     print(message, flush=True)
+
+
+def dry_run(config) -> int:
+  """Prints what a run would use (resolved config, mesh, memory per device); returns the exit code."""
+  import jax
+  from pilaf_jax import config_validation
+  from pilaf_jax.config_validation import ConfigError
+  from pilaf_jax.parallel.mesh import resolve_mesh_shape
+  from pilaf_jax.tools import memory_report
+  try:
+    config_validation.validate(config)
+    config = config_validation.resolve_checkpoints(config)
+    shape = resolve_mesh_shape(config.mesh, jax.device_count())
+    report = memory_report.build_report(config, jax.device_count())
+  except (ConfigError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(config.to_json_best_effort(indent=2, sort_keys=True))
+  print(f'\nmesh: data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} over {jax.device_count()} '
+        f'{jax.default_backend()} device(s)\n')
+  print(memory_report.format_table(report))
+  return 0
 
 
 def run(config, workdir: str) -> int:
@@ -105,6 +147,13 @@ def _parse_flags(argv):
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _DRY_RUN.value:
+    try:
+      config = _CONFIG.value
+      config.to_dict()
+    except _USER_ERRORS as e:
+      _exit_bad_command_line(e)
+    sys.exit(dry_run(config))
   if not _WORKDIR.value:
     print('error: --workdir is required (a directory for checkpoints, labels and metrics).',
           file=sys.stderr)

@@ -45,11 +45,6 @@ from pilaf_jax.model.llama import LlamaConfig, count_params
 from pilaf_jax.parallel import mesh as mesh_lib
 from pilaf_jax.parallel import partitioning
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-_DEVICES = flags.DEFINE_integer('devices', 0, 'Plan for this many devices (default: the devices '
-                                'jax sees here). They need not exist.', lower_bound=0)
-_FORMAT = flags.DEFINE_enum('format', 'table', ['table', 'json'], 'Output format.')
-
 GIB = 2 ** 30
 
 
@@ -209,19 +204,23 @@ def to_json(report: Report) -> str:
 def main(argv) -> Optional[int]:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if config is None:
     raise app.UsageError('--config is required.')
-  num_devices = _DEVICES.value or jax.device_count()
+  num_devices = flags.FLAGS.devices or jax.device_count()
   try:
     report = build_report(config, num_devices)
   except ValueError as e:
     print(f'memory_report: {e}', file=sys.stderr)
     return 1
   path = config_flags.get_config_filename(flags.FLAGS['config'])
-  print(format_table(report, path) if _FORMAT.value == 'table' else to_json(report))
+  print(format_table(report, path) if flags.FLAGS.format == 'table' else to_json(report))
   return 0
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # Flags only here: main's --dry_run imports this module.
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_integer('devices', 0, 'Plan for this many devices (default: the devices jax sees here). '
+                       'They need not exist.', lower_bound=0)
+  flags.DEFINE_enum('format', 'table', ['table', 'json'], 'Output format.')
   app.run(main)
