@@ -33,6 +33,8 @@ setup(
         'hf': HF,
         # The tests also compare against transformers' PyTorch models. torch is pinned to the CPU
         # build that CI machines keep on disk; elsewhere, install a CPU torch first to skip CUDA.
-        'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', *HF],
+        'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', 'matplotlib', *HF],
+        # Study reports and the theory lab's plots (python -m pilaf_jax.study report, analysis/theory.py).
+        'study': ['matplotlib'],
     },
 )

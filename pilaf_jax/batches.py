@@ -10,6 +10,7 @@ from typing import Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Which distribution produced a response (PairBatch.source).
 POLICY, PI_PLUS, PI_MINUS, REFERENCE = 0, 1, 2, 3
@@ -51,9 +52,19 @@ class SamplingCost:
   """What producing a batch of pairs cost, counted from what actually ran.
 
   A 'decode sequence' is one response decoded autoregressively by one model (a response mixed from
-  two models counts twice); 'tokens' count the forward token evaluations of each model (prompt
-  prefill included); 'scoring' is teacher-forced (parallel) evaluation; oracle_responses are the
-  responses shown to the labeller.
+  two models counts twice); 'scoring' is teacher-forced (parallel) evaluation; oracle_responses are
+  the responses shown to the labeller.
+
+  Two token counts per model and kind of pass:
+  - `*_tokens` (useful tokens): the non-padding prompt tokens plus the response's own tokens (EOS
+    included), once per response a model ran on: what an ideal, padding-free implementation would
+    evaluate.
+  - `*_tokens_executed` (what ran): token positions the model actually evaluated. Decoding prefills
+    every row's whole [P] prompt buffer (left padding included), then runs every row of the batch
+    for every decode step until all rows have ended: rows x (P + steps). Teacher-forced scoring
+    runs every row over the whole [P + R] buffer: rows x (P + R). Rows that were decoded and then
+    discarded (pilaf's boundary prompt, best-of-N's unpicked samples) count too: they ran.
+  The executed counts default to 0 so that label stores written before they existed still load.
   """
   pairs: jax.Array
   policy_decode_sequences: jax.Array
@@ -63,11 +74,15 @@ class SamplingCost:
   policy_scoring_tokens: jax.Array
   ref_scoring_tokens: jax.Array
   oracle_responses: jax.Array
+  policy_decode_tokens_executed: jax.Array = np.int32(0)
+  ref_decode_tokens_executed: jax.Array = np.int32(0)
+  policy_scoring_tokens_executed: jax.Array = np.int32(0)
+  ref_scoring_tokens_executed: jax.Array = np.int32(0)
 
   @classmethod
   def zero(cls) -> 'SamplingCost':
     z = jnp.zeros((), jnp.int32)
-    return cls(*([z] * 8))
+    return cls(**{name: z for name in cls.__dataclass_fields__})
 
   def __add__(self, other: 'SamplingCost') -> 'SamplingCost':
     return jax.tree.map(lambda a, b: a + b, self, other)

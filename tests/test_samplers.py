@@ -72,8 +72,9 @@ def test_pilaf_assigns_vanilla_pairs_to_random_prompts(setup):
   rows = [tuple(t) for t in np.asarray(prompts.tokens).tolist()]
   assert len(set(rows)) == 64  # Distinct prompts, so each pair can be traced to its input row.
   vanilla_sets = []
+  sample = make_sampler('pilaf', ctx)  # One jitted sampler (one compilation) for both seeds.
   for seed in (0, 1):
-    pairs = make_sampler('pilaf', ctx)(pp, rp, prompts, jax.random.key(seed))
+    pairs = sample(pp, rp, prompts, jax.random.key(seed))
     origin = [rows.index(tuple(t)) for t in np.asarray(pairs.prompts.tokens).tolist()]
     assert sorted(origin) == list(range(64))  # A permutation: every prompt gets exactly one pair.
     vanilla = {o for o, s in zip(origin, np.asarray(pairs.source)[:, 0]) if s == POLICY}
@@ -98,10 +99,15 @@ def test_best_of_n_picks_argmax_and_argmin(setup):
   # Recompute the N candidates with the same rng, and their implicit rewards by teacher forcing.
   n = ctx.best_of_n
   rows = prompts.repeat(n)
-  ro = decode(ctx.policy, ctx.ref, pp, rp, rows, jnp.zeros((0,)), jax.random.key(9),
-              layout=RowLayout(policy_only=n * 32), settings=ctx.settings, allowed_tokens=ctx.allowed)
-  implicit = BETA * (ctx.score(ctx.policy, pp, rows, ro.tokens, ro.mask).sum(-1)
-                     - ctx.score(ctx.ref, rp, rows, ro.tokens, ro.mask).sum(-1))
+
+  @jax.jit  # One compilation rather than an op-by-op run of the decode loop and both scorings.
+  def recompute(pp, rp, rows):
+    ro = decode(ctx.policy, ctx.ref, pp, rp, rows, jnp.zeros((0,)), jax.random.key(9),
+                layout=RowLayout(policy_only=n * 32), settings=ctx.settings, allowed_tokens=ctx.allowed)
+    return ro, BETA * (ctx.score(ctx.policy, pp, rows, ro.tokens, ro.mask).sum(-1)
+                       - ctx.score(ctx.ref, rp, rows, ro.tokens, ro.mask).sum(-1))
+
+  ro, implicit = recompute(pp, rp, rows)
   implicit = np.asarray(implicit).reshape(n, 32)
   candidates = np.asarray(ro.tokens).reshape(n, 32, R)
   chosen_reward = BETA * (np.asarray(pairs.policy_logprobs).sum(-1) - np.asarray(pairs.ref_logprobs).sum(-1))

@@ -34,6 +34,9 @@ def evaluation_row(evaluate, policy_params, ref_params, run: RunState, step: int
          'oracle_responses': cost['oracle_responses'],
          'policy_decode_tokens': cost['policy_decode_tokens'], 'ref_decode_tokens': cost['ref_decode_tokens'],
          'policy_scoring_tokens': cost['policy_scoring_tokens'], 'ref_scoring_tokens': cost['ref_scoring_tokens'],
+         # What actually ran (padding and finished rows included), beside the useful counts above.
+         **{f'{m}_{kind}_tokens_executed': cost[f'{m}_{kind}_tokens_executed']
+            for m in ('policy', 'ref') for kind in ('decode', 'scoring')},
          'decode_sequences_per_pair': (cost['policy_decode_sequences'] + cost['ref_decode_sequences']) / pairs
          if cost['pairs'] else 0.0}
   return row

@@ -59,17 +59,26 @@ def _count(x) -> jax.Array:
 
 
 def _decode_cost(rows: PromptBatch, rollout: Rollout, layout: RowLayout) -> SamplingCost:
-  """Decode cost of a rollout: each model's rows, prompt prefill plus generated tokens."""
+  """Decode cost of a rollout, per model: useful tokens (each row's non-padding prompt tokens plus
+  its generated tokens) and executed tokens (the whole [P] prompt buffer of every row at prefill,
+  then every row at every decode step the loop ran, finished rows included)."""
   tokens = rows.mask.sum(1) + rollout.mask.sum(1)
+  per_row_run = rows.tokens.shape[1] + rollout.steps.astype(jnp.int32)
   pol, ref = layout.policy_rows, layout.ref_rows
+  n_pol, n_ref = pol.stop - pol.start, ref.stop - ref.start
   return SamplingCost.zero().replace(
-      policy_decode_sequences=jnp.int32(pol.stop - pol.start),
-      ref_decode_sequences=jnp.int32(ref.stop - ref.start),
-      policy_decode_tokens=_count(tokens[pol]), ref_decode_tokens=_count(tokens[ref]))
+      policy_decode_sequences=jnp.int32(n_pol), ref_decode_sequences=jnp.int32(n_ref),
+      policy_decode_tokens=_count(tokens[pol]), ref_decode_tokens=_count(tokens[ref]),
+      policy_decode_tokens_executed=jnp.int32(n_pol) * per_row_run,
+      ref_decode_tokens_executed=jnp.int32(n_ref) * per_row_run)
 
 
-def _scoring_tokens(rows: PromptBatch, mask: jax.Array) -> jax.Array:
-  return _count(rows.mask.sum(1) + mask.sum(1))
+def _scoring_tokens(model: str, rows: PromptBatch, mask: jax.Array) -> dict:
+  """Cost fields of one teacher-forced pass of `model` ('policy' or 'ref') over responses [N, R]:
+  useful tokens (non-padding prompt and response tokens) and executed ones (N x (P + R))."""
+  n, p = rows.tokens.shape
+  return {f'{model}_scoring_tokens': _count(rows.mask.sum(1) + mask.sum(1)),
+          f'{model}_scoring_tokens_executed': jnp.int32(n * (p + mask.shape[1]))}
 
 
 def _assemble(prompts: PromptBatch, tokens_ab, mask_ab, policy_lp_ab, ref_lp_ab, source_ab,
@@ -90,7 +99,7 @@ def vanilla(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch
   rows, layout = prompts.repeat(2), RowLayout(policy_only=2 * b)
   ro = ctx.decode(policy_params, ref_params, rows, jnp.zeros((0,)), rng, layout)
   ref_lp = ctx.score(ctx.ref, ref_params, rows, ro.tokens, ro.mask)
-  cost = _decode_cost(rows, ro, layout).replace(ref_scoring_tokens=_scoring_tokens(rows, ro.mask))
+  cost = _decode_cost(rows, ro, layout).replace(**_scoring_tokens('ref', rows, ro.mask))
   a, bb = slice(0, b), slice(b, 2 * b)
   return _assemble(prompts, (ro.tokens[a], ro.tokens[bb]), (ro.mask[a], ro.mask[bb]),
                    (ro.policy_logprobs[a], ro.policy_logprobs[bb]), (ref_lp[a], ref_lp[bb]),
@@ -125,7 +134,7 @@ def pilaf(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch, 
                      ro.mask[vanilla_rows])
   ref_lp = jnp.concatenate([scored, ro.ref_logprobs[2 * nvr:]])
   cost = _decode_cost(rows, ro, layout).replace(
-      ref_scoring_tokens=_scoring_tokens(rows.take(vanilla_rows), ro.mask[vanilla_rows]))
+      **_scoring_tokens('ref', rows.take(vanilla_rows), ro.mask[vanilla_rows]))
   # Pair i < nv: vanilla rows (i, nvr + i); pair nv + j: mixed rows (2 nvr + j, 2 nvr + nm + j),
   # except the boundary prompt (i = nv), which keeps its vanilla rows when the coin says so.
   i = jnp.arange(b)
@@ -150,8 +159,7 @@ def hybrid(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch,
   ro = ctx.decode(policy_params, ref_params, rows, jnp.zeros((0,)), rng, layout)
   a, bb = slice(0, b), slice(b, 2 * b)
   ref_lp_a = ctx.score(ctx.ref, ref_params, rows.take(a), ro.tokens[a], ro.mask[a])
-  cost = _decode_cost(rows, ro, layout).replace(
-      ref_scoring_tokens=_scoring_tokens(rows.take(a), ro.mask[a]))
+  cost = _decode_cost(rows, ro, layout).replace(**_scoring_tokens('ref', rows.take(a), ro.mask[a]))
   return _assemble(prompts, (ro.tokens[a], ro.tokens[bb]), (ro.mask[a], ro.mask[bb]),
                    (ro.policy_logprobs[a], ro.policy_logprobs[bb]), (ref_lp_a, ro.ref_logprobs[bb]),
                    (POLICY, REFERENCE), cost)
@@ -174,7 +182,7 @@ def best_of_n(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBat
   worst = jnp.argmin(jnp.where(jnp.arange(n)[:, None] == best[None], jnp.inf, implicit), axis=0)
   row = lambda j: j * b + jnp.arange(b)
   pick = lambda x: (x[row(best)], x[row(worst)])
-  cost = _decode_cost(rows, ro, layout).replace(ref_scoring_tokens=_scoring_tokens(rows, ro.mask))
+  cost = _decode_cost(rows, ro, layout).replace(**_scoring_tokens('ref', rows, ro.mask))
   return _assemble(prompts, pick(ro.tokens), pick(ro.mask), pick(ro.policy_logprobs), pick(ref_lp),
                    (POLICY, POLICY), cost)
 
@@ -239,8 +247,12 @@ def t_pilaf(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch
   pick = lambda x: (per_row(x, idx_a), per_row(x, idx_b))
   tokens = jnp.broadcast_to(d['tokens'], (b, e, d['tokens'].shape[-1]))
   mask = jnp.broadcast_to(d['mask'], tokens.shape)
+  # Both models score every enumerated response of every prompt.
   scoring = _count(prompts.mask.sum(1)[:, None] + d['mask'].sum(1)[None, :])
-  cost = SamplingCost.zero().replace(policy_scoring_tokens=scoring, ref_scoring_tokens=scoring)
+  executed = jnp.int32(b * e * (prompts.tokens.shape[1] + d['tokens'].shape[-1]))
+  cost = SamplingCost.zero().replace(policy_scoring_tokens=scoring, ref_scoring_tokens=scoring,
+                                     policy_scoring_tokens_executed=executed,
+                                     ref_scoring_tokens_executed=executed)
   pairs = _assemble(prompts, pick(tokens), pick(mask), pick(d['policy_tokens']), pick(d['ref_tokens']),
                     (POLICY, POLICY), cost)
   source = jnp.stack([jnp.where(vanilla_pair, POLICY, PI_PLUS), jnp.where(vanilla_pair, POLICY, PI_MINUS)], 1)

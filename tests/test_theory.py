@@ -1,0 +1,231 @@
+"""The exact theory lab (pilaf_jax/analysis/theory.py).
+
+1. Finite differences, in float64 on a tabular softmax policy (jax.enable_x64, scoped): grad J and the
+   population DPO gradient of every exact pair distribution agree with central differences to 1e-4;
+   the per-label variance formula (Gram matrices) equals a brute-force sum over every labelled pair;
+   the exact best-of-N pair distribution equals brute force over all N-tuples of draws; J* is the
+   value of pi* and bounds J.
+2. Monte Carlo with the REAL samplers (make_sampler) on a tiny Llama: the real DPO loss's per-pair
+   gradients, averaged over many sampled and Bradley-Terry-labelled pairs, agree with the exact
+   population gradient within their error bars (along the exact direction and a random one), and
+   their mean squared norm agrees with the exact E||g||^2.
+"""
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import EOS, PAD, TINY_ALLOWED, prompt_batch, response_ids
+from pilaf_jax.analysis import theory
+from pilaf_jax.batches import PreferenceBatch
+from pilaf_jax.labelling.oracles import make_label_rule
+from pilaf_jax.learning.dpo import dpo_loss
+from pilaf_jax.model.scoring import response_logprobs
+from pilaf_jax.sampling import DecodeSettings, SamplerContext, make_sampler
+from pilaf_jax.sampling.samplers import enumerate_responses
+
+BETA = 0.5  # Larger than the paper's 0.1 so the samplers' distributions differ clearly.
+
+
+# --- 1. exact computations against finite differences and brute force (float64, tabular) ---------
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _tabular(seed=0, b=2, e=7):
+  rs = np.random.RandomState(seed)
+  theta = jnp.asarray(rs.randn(b, e) * 1.5)
+  ref_logp = jax.nn.log_softmax(jnp.asarray(rs.randn(b, e)), -1)
+  rewards = jnp.asarray(rs.randn(b, e) * 2.0)
+  return theta, ref_logp, rewards
+
+
+def _dists(theta, ref_logp):
+  lp = np.asarray(jax.nn.log_softmax(theta, -1), np.float64)
+  lr = np.asarray(ref_logp, np.float64)
+  plus, minus = (1 + BETA) * lp - BETA * lr, (1 - BETA) * lp + BETA * lr
+  lse = lambda x: np.log(np.exp(x).sum(-1))
+  zp, zm = lse(plus), lse(minus)
+  return dict(policy=lp, ref=lr, plus=plus - zp[:, None], minus=minus - zm[:, None],
+              vanilla_weight=1 / (1 + np.exp(zp + zm)))
+
+
+def _fd(f, theta, direction, eps=1e-6):
+  return (f(theta + eps * direction) - f(theta - eps * direction)) / (2 * eps)
+
+
+def test_gradients_match_finite_differences(x64):
+  theta, ref_logp, rewards = _tabular()
+  obj = lambda t: theory.objective(jax.nn.log_softmax(t, -1), ref_logp, rewards, BETA)
+  qs = theory.pair_distributions(['vanilla', 'hybrid', 't_pilaf', 'best_of_n'], _dists(theta, ref_logp),
+                                 BETA, 0.5, 4)
+  rs = np.random.RandomState(1)
+  for k in range(3):
+    v = jnp.asarray(rs.randn(*theta.shape))
+    exact = float(jnp.vdot(jax.grad(obj)(theta), v))
+    assert abs(exact - float(_fd(obj, theta, v))) <= 1e-4 * max(1.0, abs(exact))
+    # The policy-gradient form, independent of autodiff: sum_y pi v_y (r - beta log(pi/pi_ref)).
+    lp = jax.nn.log_softmax(theta, -1)
+    dlp = jax.jvp(lambda t: jax.nn.log_softmax(t, -1), (theta,), (v,))[1]
+    pg = float(jnp.mean(jnp.sum(jnp.exp(lp) * dlp * (rewards - BETA * (lp - ref_logp)), -1)))
+    assert abs(exact - pg) < 1e-10
+    for name, q in qs.items():
+      loss = lambda t: theory.expected_dpo_loss(jax.nn.log_softmax(t, -1), ref_logp, rewards, jnp.asarray(q), BETA)
+      g = float(jnp.vdot(jax.grad(loss)(theta), v))
+      assert abs(g - float(_fd(loss, theta, v))) <= 1e-4 * max(1.0, abs(g)), name
+
+
+def test_variance_formula_equals_brute_force(x64):
+  theta, ref_logp, rewards = _tabular(seed=2, b=2, e=5)
+  d = _dists(theta, ref_logp)
+  q = theory.pair_distributions(['t_pilaf'], d, BETA, 0.5, 4)['t_pilaf']
+  logp = lambda t: jax.nn.log_softmax(t, -1)
+  jac = jax.jacrev(logp)(theta)  # [B, E, B, E]
+  b, e = theta.shape
+  flat = np.asarray(jac, np.float64).reshape(b, e, -1)
+  gram = np.einsum('xap,xbp->xab', flat, flat)
+  formula = theory.gradient_second_moment(d['policy'], d['ref'], rewards, q, BETA, gram)
+
+  def pair_loss(t, x, w, l):
+    h = BETA * (logp(t) - ref_logp)
+    return -jax.nn.log_sigmoid(h[x, w] - h[x, l])
+  grad_pair = jax.jit(jax.grad(pair_loss))
+  second, mean = 0.0, 0.0
+  for x in range(b):
+    for a_, b_ in itertools.product(range(e), repeat=2):
+      p_a = 1 / (1 + np.exp(-(rewards[x, a_] - rewards[x, b_])))
+      for w, l, p in ((a_, b_, p_a), (b_, a_, 1 - p_a)):
+        g = np.asarray(grad_pair(theta, x, w, l), np.float64)
+        weight = q[x, a_, b_] * p / b
+        second += weight * np.sum(g ** 2)
+        mean = mean + weight * g
+  assert abs(formula - second) < 1e-10 * max(1.0, second)
+  loss = lambda t: theory.expected_dpo_loss(logp(t), ref_logp, rewards, jnp.asarray(q), BETA)
+  np.testing.assert_allclose(mean, np.asarray(jax.grad(loss)(theta)), atol=1e-12)
+
+
+def test_best_of_n_distribution_equals_brute_force(x64):
+  theta, ref_logp, _ = _tabular(seed=3, b=1, e=5)
+  d = _dists(theta, ref_logp)
+  n = 3
+  q = theory.best_of_n_pairs(d['policy'], d['ref'], BETA, n)[0]
+  p, h = np.exp(d['policy'][0]), BETA * (d['policy'][0] - d['ref'][0])
+  brute = np.zeros_like(q)
+  for draws in itertools.product(range(len(p)), repeat=n):
+    hs = h[list(draws)]
+    best = int(np.argmax(hs))
+    rest = np.where(np.arange(n) == best, np.inf, hs)
+    worst = int(np.argmin(rest))
+    brute[draws[best], draws[worst]] += np.prod(p[list(draws)])
+  np.testing.assert_allclose(q, brute, atol=1e-12)
+  assert abs(q.sum() - 1) < 1e-12
+
+
+def test_optimum(x64):
+  theta, ref_logp, rewards = _tabular(seed=4)
+  j_star = theory.optimum(ref_logp, rewards, BETA)
+  pi_star = jax.nn.log_softmax(ref_logp + rewards / BETA, -1)
+  assert abs(float(theory.objective(pi_star, ref_logp, rewards, BETA)) - j_star) < 1e-10
+  assert float(theory.objective(jax.nn.log_softmax(theta, -1), ref_logp, rewards, BETA)) < j_star
+
+
+# --- 2. against Monte-Carlo estimates from the real samplers (tiny Llama) ------------------------
+
+R = 2
+M = 2048  # Sampled pairs per sampler.
+Z = 4.5  # Error-bar multiple (the comparisons are many; a false alarm at 4.5 sigma is ~1e-5 each).
+
+
+@pytest.fixture(scope='module')
+def lab(tiny_pair):
+  (policy, pp), (ref, rp) = tiny_pair
+  ctx = SamplerContext(policy=policy, ref=ref, settings=DecodeSettings(R, EOS, PAD), beta=BETA,
+                       allowed_tokens=TINY_ALLOWED, best_of_n=4, vanilla_fraction=0.5)
+  prompts = prompt_batch(2, length=3, seed=5)
+  prompts = prompts.replace(ids=jnp.arange(2, dtype=jnp.int32))
+  tokens, mask = enumerate_responses(TINY_ALLOWED, EOS, PAD, R)
+  rewards = np.random.RandomState(6).randn(2, tokens.shape[0]) * 2.0
+  return theory.ExactLab(ctx, prompts, rewards, tokens, mask), pp, rp
+
+
+def _pair_loss(ctx, params, prompt_tokens, prompt_mask, responses, response_mask, ref_logprobs, a_preferred):
+  """The real DPO loss (learning/dpo.py) of one labelled pair, with the policy's log-probs computed as
+  dpo_step computes them and the reference's taken from the sampler's pair."""
+  prompts = jnp.broadcast_to(prompt_tokens, (2,) + prompt_tokens.shape)
+  pmask = jnp.broadcast_to(prompt_mask, (2,) + prompt_mask.shape)
+  seq = response_logprobs(ctx.policy, params, prompts, pmask, responses, response_mask, ctx.allowed).sum(-1)
+  ref = ref_logprobs.sum(-1)
+  pick = lambda x: (jnp.where(a_preferred, x[0], x[1]), jnp.where(a_preferred, x[1], x[0]))
+  (pc, pr), (rc, rr) = pick(seq), pick(ref)
+  return dpo_loss(pc[None], pr[None], rc[None], rr[None], ctx.beta)[0]
+
+
+@pytest.fixture(scope='module')
+def per_pair(lab):
+  """Jitted once for every sampler (same shapes): per-pair directional derivatives and gradients."""
+  ctx = lab[0].ctx
+
+  def batched(fn):
+    def run(params, extra, pairs_args):
+      return jax.vmap(lambda *a: fn(lambda p: _pair_loss(ctx, p, *a), params, extra))(*pairs_args)
+    return jax.jit(run)
+  return {'jvp': batched(lambda f, p, v: jax.jvp(f, (p,), (v,))[1]),
+          'grad': batched(lambda f, p, _: jax.grad(f)(p))}
+
+
+def _pair_args(labelled: PreferenceBatch):
+  pairs = labelled.pairs
+  return (pairs.prompts.tokens, pairs.prompts.mask, pairs.responses, pairs.response_mask, pairs.ref_logprobs,
+          labelled.a_preferred)
+
+
+@pytest.mark.parametrize('name', ['vanilla', 'pilaf', 'hybrid', 't_pilaf', 'best_of_n'])
+def test_population_gradient_matches_the_real_sampler(lab, per_pair, name):
+  lab, pp, rp = lab
+  ctx = lab.ctx
+  exact = lab.population_gradients(pp, rp, [name])
+  g = exact['loss_grads'][name]
+  second_exact = theory.gradient_second_moment(exact['dists']['policy'], exact['dists']['ref'], lab.rewards,
+                                               exact['q'][name], BETA, lab.gram(pp))
+
+  pairs = make_sampler(name, ctx)(pp, rp, lab.prompts.repeat(M // 2), jax.random.key(11))
+  ids = np.asarray(pairs.prompts.ids)
+  resp = [response_ids(np.asarray(pairs.responses[:, i]), lab.tokens) for i in (0, 1)]
+  assert all((r >= 0).all() for r in resp)
+  rewards = np.stack([lab.rewards[ids, resp[0]], lab.rewards[ids, resp[1]]], 1)
+  a_preferred = make_label_rule('bradley_terry')(jnp.asarray(rewards), jax.random.key(12))
+  labelled = PreferenceBatch(pairs, a_preferred)
+
+  rs = np.random.RandomState(13)
+  g_leaves, treedef = jax.tree.flatten(g)
+  norm = lambda leaves: np.sqrt(sum(float(jnp.sum(x ** 2)) for x in leaves))
+  unit = lambda leaves: jax.tree.unflatten(treedef, [x / norm(leaves) for x in leaves])
+  directions = [unit(g_leaves), unit([jnp.asarray(rs.randn(*x.shape), x.dtype) for x in g_leaves])]
+  for v in directions:
+    along = np.asarray(per_pair['jvp'](pp, v, _pair_args(labelled)), np.float64)
+    target = float(sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v))))
+    se = along.std(ddof=1) / np.sqrt(M)
+    assert abs(along.mean() - target) < Z * se + 1e-6, (name, along.mean(), target, se)
+
+  grads = per_pair['grad'](pp, 0, _pair_args(labelled))
+  sq = sum(np.asarray(jnp.sum(x.reshape(M, -1) ** 2, 1), np.float64) for x in jax.tree.leaves(grads))
+  assert abs(sq.mean() - second_exact) < Z * sq.std(ddof=1) / np.sqrt(M), (name, sq.mean(), second_exact)
+
+
+def test_measure_reports_every_sampler(lab):
+  lab, pp, rp = lab
+  out = lab.measure(pp, rp)
+  assert out['J'] < out['J_star']
+  for name in theory.LAB_SAMPLERS:
+    row = out['samplers'][name]
+    assert -1 <= row['cosine'] <= 1 and row['variance'] >= -1e-6 and row['variance_along_J'] >= -1e-6
+  # At the reference (theta = ref), pilaf and t_pilaf are exactly vanilla, and so is best-of-N (all tie).
+  at_ref = lab.measure(rp, rp, variance=False)['samplers']
+  for name in ('pilaf', 't_pilaf', 'best_of_n'):
+    assert abs(at_ref[name]['cosine'] - at_ref['vanilla']['cosine']) < 1e-4, name
