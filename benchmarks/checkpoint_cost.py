@@ -69,8 +69,7 @@ def main() -> None:
 
   def step(run):
     train, _ = exp.train_step(run.train, batch)
-    run = run.replace(train=train, cost=run.cost + batch.pairs.cost,
-                      labels_used=run.labels_used + c.dpo.batch_size)
+    run = run.replace(train=train, labels_used=run.labels_used + c.dpo.batch_size)
     return jax.block_until_ready(run)
 
   ck = c.checkpoint

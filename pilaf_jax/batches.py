@@ -91,6 +91,26 @@ class SamplingCost:
     return {f.name: int(getattr(self, f.name)) for f in self.__dataclass_fields__.values()}
 
 
+class CostTotals:
+  """Cumulative SamplingCost of a run, counted on the host in Python ints.
+
+  A batch's cost fits int32 easily; a run's totals do not (a paper-scale run decodes billions of
+  tokens), and jax arrays are int32 unless x64 is on. So totals live here and in the checkpoint's
+  JSON meta, not on the device.
+  """
+
+  def __init__(self, totals: Optional[dict] = None):
+    self._totals = {name: 0 for name in SamplingCost.__dataclass_fields__}
+    self._totals.update({k: int(v) for k, v in (totals or {}).items() if k in self._totals})
+
+  def add(self, cost: SamplingCost) -> 'CostTotals':
+    """A new total with one batch's cost (device or host arrays) added."""
+    return CostTotals({k: v + int(getattr(cost, k)) for k, v in self._totals.items()})
+
+  def as_dict(self) -> dict:
+    return dict(self._totals)
+
+
 @flax.struct.dataclass
 class PairBatch:
   """B prompts, two responses each, with per-token log-probs from the sampling pass.

@@ -305,8 +305,7 @@ class Experiment:
   def init_run_state(self, ref_params) -> RunState:
     """The loop's state before any update, every leaf a global array (checkpointable on any host)."""
     run = RunState.create(self.init_policy_state(self.initial_policy_params(ref_params)))
-    counters = self.placement.to_global(jax.device_get((run.cost, run.labels_used)), None)
-    return run.replace(cost=counters[0], labels_used=counters[1])
+    return run.replace(labels_used=self.placement.to_global(jax.device_get(run.labels_used), None))
 
   def close(self) -> None:
     self.checkpointer.close()

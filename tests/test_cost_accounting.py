@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import EOS, PAD, TINY_ALLOWED, TINY_VOCAB, prompt_batch, tiny_model
-from pilaf_jax.batches import POLICY, PreferenceBatch, SamplingCost
+from pilaf_jax.batches import POLICY, CostTotals, PreferenceBatch, SamplingCost
 from pilaf_jax.labelling.label_store import LabelStore
 from pilaf_jax.loops.common import evaluation_row
 from pilaf_jax.sampling.decode import DecodeSettings
@@ -143,10 +143,18 @@ def _store_cost(d):
 
 def test_evaluation_rows_carry_the_executed_counters():
   cost, pairs, _ = _run('vanilla', NO_EOS)
-  run = types.SimpleNamespace(cost=pairs.cost, labels_used=jnp.int32(B))
-  row = evaluation_row(lambda p, r: {'reward': 0.0}, None, None, run, 1)
+  run = types.SimpleNamespace(labels_used=jnp.int32(B))
+  row = evaluation_row(lambda p, r: {'reward': 0.0}, None, None, run, CostTotals().add(pairs.cost), 1)
   for m in ('policy', 'ref'):
     for kind in ('decode', 'scoring'):
       assert row[f'{m}_{kind}_tokens_executed'] == cost[f'{m}_{kind}_tokens_executed']
       assert row[f'{m}_{kind}_tokens'] == cost[f'{m}_{kind}_tokens']
   assert row['decode_sequences_per_pair'] == 2.0
+
+
+def test_run_totals_do_not_wrap_at_int32():
+  """A paper-scale run decodes billions of tokens: totals are host integers, not int32 arrays."""
+  big = SamplingCost.zero().replace(policy_decode_tokens=jnp.int32(2**31 - 1), pairs=jnp.int32(7))
+  totals = CostTotals().add(big).add(big).add(big)
+  assert totals.as_dict()['policy_decode_tokens'] == 3 * (2**31 - 1) and totals.as_dict()['pairs'] == 21
+  assert CostTotals(json.loads(json.dumps(totals.as_dict()))).as_dict() == totals.as_dict()  # Via meta.

@@ -31,11 +31,11 @@ def init_train_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 @flax.struct.dataclass
 class RunState:
-  """Everything a checkpoint restores besides the loop position (which lives in its JSON meta)."""
+  """The arrays a checkpoint restores; the loop position and the cumulative sampling cost
+  (batches.CostTotals, host integers) live in its JSON meta."""
   train: TrainState
-  cost: SamplingCost  # Cumulative over every labelled batch used so far.
   labels_used: jax.Array  # Labelled pairs the learner has consumed.
 
   @classmethod
   def create(cls, train: TrainState) -> 'RunState':
-    return cls(train=train, cost=SamplingCost.zero(), labels_used=jnp.zeros((), jnp.int32))
+    return cls(train=train, labels_used=jnp.zeros((), jnp.int32))

@@ -7,6 +7,7 @@ from typing import Optional
 
 import jax
 
+from pilaf_jax.batches import CostTotals
 from pilaf_jax.learning.train_state import RunState
 
 
@@ -25,9 +26,10 @@ class Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluation_row(evaluate, policy_params, ref_params, run: RunState, step: int, **extra) -> dict:
+def evaluation_row(evaluate, policy_params, ref_params, run: RunState, cost: CostTotals, step: int,
+                   **extra) -> dict:
   """One metrics.jsonl row: the policy's evaluation plus labels and compute spent so far."""
-  cost = run.cost.as_dict()
+  cost = cost.as_dict()
   pairs = max(cost['pairs'], 1)
   row = {'step': step, **extra, 'labels_used': int(run.labels_used),
          **evaluate(policy_params, ref_params),

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pilaf_jax import checkpointing
-from pilaf_jax.batches import PreferenceBatch
+from pilaf_jax.batches import CostTotals, PreferenceBatch
 from pilaf_jax.config_validation import ConfigError
 from pilaf_jax.experiment import SHUFFLE_STREAM, Experiment
 from pilaf_jax.learning.train_state import RunState
@@ -54,7 +54,7 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
   run = exp.init_run_state(ref_params)
   restored = exp.checkpointer.restore_latest(run)
   position = {'iteration': 0, 'epoch': 0, 'minibatch': 0}
-  step = 0
+  step, cost = 0, CostTotals()
   fresh = restored is None
   if restored is None and it.init_checkpoint:
     restored = _branch_point(exp, run)
@@ -63,13 +63,14 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
   if restored is not None:
     step, run, meta = restored
     position = {k: meta[k] for k in position}
+    cost = CostTotals(meta.get('cost'))
     if not fresh or not it.init_checkpoint:
       log(f'Resuming iterative DPO at {position}, step {step}.')
   writer = MetricsWriter(exp.workdir, resume_step=step if not fresh else -1)
   rows = []
 
   def evaluate(iteration: int):
-    row = evaluation_row(exp.evaluate, run.train.params, ref_params, run, step, iteration=iteration)
+    row = evaluation_row(exp.evaluate, run.train.params, ref_params, run, cost, step, iteration=iteration)
     row.update(exp.phases.row())
     writer.write(row, step)
     writer.scalars(exp.phases.row(), step, prefix='time/')
@@ -102,7 +103,8 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
           bar.update()
           last = e == it.epochs - 1 and k == steps_per_epoch - 1
           if last:  # The iteration's data now counts as used.
-            run = run.replace(cost=run.cost + data.pairs.cost, labels_used=run.labels_used + chunks * batch)
+            run = run.replace(labels_used=run.labels_used + chunks * batch)
+            cost = cost.add(data.pairs.cost)
           if step % c.eval.every_steps == 0 or last:
             evaluate(i + 1 if last else i)
           if exp.checkpointer.due(step) or last or preemption.requested:
@@ -110,7 +112,7 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
                     {'iteration': i, 'epoch': e + (k + 1) // steps_per_epoch,
                      'minibatch': (k + 1) % steps_per_epoch})
             with exp.phases.phase('checkpoint'):
-              exp.checkpointer.save(step, run, {'loop': 'iterative', **meta})
+              exp.checkpointer.save(step, run, {'loop': 'iterative', **meta, 'cost': cost.as_dict()})
           if preemption.requested:
             exp.checkpointer.wait()
             log(f'SIGTERM: saved step {step}; run the same command again to resume.')

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 
+from pilaf_jax.batches import CostTotals
 from pilaf_jax.experiment import Experiment
 from pilaf_jax.learning.train_state import RunState
 from pilaf_jax.loops.common import Preemption, evaluation_row, progress
@@ -15,15 +16,16 @@ def run_online(exp: Experiment, log=print) -> list[dict]:
   ref_params = exp.reference_params(log)
   run = exp.init_run_state(ref_params)
   restored = exp.checkpointer.restore_latest(run)
-  start = 0
+  start, cost = 0, CostTotals()
   if restored is not None:
     start, run, meta = restored
+    cost = CostTotals(meta.get('cost'))
     log(f'Resuming the online loop at step {start} from {exp.checkpointer.directory}.')
   writer = MetricsWriter(exp.workdir, resume_step=start if restored else -1)
   rows = []
 
   def evaluate(step: int):
-    row = evaluation_row(exp.evaluate, run.train.params, ref_params, run, step)
+    row = evaluation_row(exp.evaluate, run.train.params, ref_params, run, cost, step)
     row.update(exp.phases.row())
     writer.write(row, step)
     rows.append(row)
@@ -38,8 +40,8 @@ def run_online(exp: Experiment, log=print) -> list[dict]:
       labelled, _ = exp.labelled_batch(f'online/{t:06d}', t, t, c.sampler.name, run.train.params,
                                        ref_params, batch)
       train, metrics = exp.train(run.train, labelled)
-      run = RunState(train=train, cost=run.cost + labelled.pairs.cost,
-                     labels_used=run.labels_used + batch)
+      run = RunState(train=train, labels_used=run.labels_used + batch)
+      cost = cost.add(labelled.pairs.cost)
       step = t + 1
       bar.update()
       if step % c.runtime.log_every_steps == 0:
@@ -51,7 +53,7 @@ def run_online(exp: Experiment, log=print) -> list[dict]:
         evaluate(step)
       if exp.checkpointer.due(step) or step == c.online.steps or preemption.requested:
         with exp.phases.phase('checkpoint'):
-          exp.checkpointer.save(step, run, {'loop': 'online', 'step': step})
+          exp.checkpointer.save(step, run, {'loop': 'online', 'step': step, 'cost': cost.as_dict()})
       if preemption.requested:
         exp.checkpointer.wait()
         log(f'SIGTERM: saved step {step}; run the same command again to resume.')
