@@ -83,7 +83,7 @@ class Setup:
     return sample_prompts(make_task(task), jax.random.key(seed), n)[0]
 
   def settings(self, response_len: int) -> DecodeSettings:
-    return DecodeSettings(max_new_tokens=response_len, eos_id=EOS, pad_id=PAD)
+    return DecodeSettings(max_new_tokens=response_len, eos_ids=EOS, pad_id=PAD)
 
   def sampler_ctx(self, response_len: int) -> SamplerContext:
     s = self.config.sampler

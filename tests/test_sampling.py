@@ -52,7 +52,7 @@ def test_filter_logits_top_k_and_top_p():
 
 
 def _settings(r=4, **kw):
-  return DecodeSettings(max_new_tokens=r, eos_id=EOS, pad_id=PAD, **kw)
+  return DecodeSettings(max_new_tokens=r, eos_ids=EOS, pad_id=PAD, **kw)
 
 
 def test_sampler_logprobs_equal_teacher_forced(tiny_pair):

@@ -72,7 +72,7 @@ def _assert_match(cached, uncached, min_row_agreement: float = 0.95):
 def test_uncached_matches_cached_all_row_groups():
   """policy-only, mixed (pi_plus and pi_minus) and reference-only rows in one batch."""
   layout = RowLayout(policy_only=8, mixed=16, ref_only=8)
-  settings = DecodeSettings(max_new_tokens=12, eos_id=EOS, pad_id=PAD)
+  settings = DecodeSettings(max_new_tokens=12, eos_ids=EOS, pad_id=PAD)
   prompts = _prompts(layout.total, 6, seed=2)
   coef = jnp.concatenate([jnp.full((8,), 1.5), jnp.full((8,), 0.5)])
   rng = jax.random.key(7)
@@ -89,7 +89,7 @@ def test_uncached_matches_cached_all_row_groups():
 def test_uncached_mixed_rows_with_filters_allowed_tokens_and_buckets():
   """The pi_plus / pi_minus layout under temperature, top-k, top-p, an allowed-token mask and a
   bucketed (growing) prefix."""
-  settings = DecodeSettings(max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.8, top_k=6,
+  settings = DecodeSettings(max_new_tokens=10, eos_ids=EOS, pad_id=PAD, temperature=0.8, top_k=6,
                             top_p=0.9)
   layout = RowLayout(mixed=24)
   prompts = _prompts(layout.total, 5, seed=3)
@@ -104,7 +104,7 @@ def test_uncached_mixed_rows_with_filters_allowed_tokens_and_buckets():
 
 def test_uncached_steps_stop_when_all_rows_end():
   """Only EOS allowed: every row ends at step 0 and the (bucketed) loop stops after one step."""
-  settings = DecodeSettings(max_new_tokens=8, eos_id=EOS, pad_id=PAD)
+  settings = DecodeSettings(max_new_tokens=8, eos_ids=EOS, pad_id=PAD)
   only_eos = jnp.arange(VOCAB) == EOS
   ro = _run(decode_uncached, RowLayout(mixed=4), settings, jax.random.key(0), jnp.full((4,), 1.2),
             _prompts(4, 4, seed=4), only_eos, prefix_bucket=3)
@@ -113,7 +113,7 @@ def test_uncached_steps_stop_when_all_rows_end():
 
 
 def test_uncached_rejects_bad_layout():
-  settings = DecodeSettings(max_new_tokens=4, eos_id=EOS, pad_id=PAD)
+  settings = DecodeSettings(max_new_tokens=4, eos_ids=EOS, pad_id=PAD)
   with pytest.raises(ValueError, match='layout'):
     _run(decode_uncached, RowLayout(mixed=3), settings, jax.random.key(0), jnp.ones((3,)),
          _prompts(4, 4, seed=0))
