@@ -34,6 +34,8 @@ setup(
         # The tests also compare against transformers' PyTorch models. torch is pinned to the CPU
         # build that CI machines keep on disk; elsewhere, install a CPU torch first to skip CUDA.
         'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', 'matplotlib', *HF],
+        # benchmarks/vs_torch.py: the same model and kernels in PyTorch + transformers, side by side.
+        'bench': ['torch==2.13.0', 'transformers>=5,<6', 'safetensors', 'ml_dtypes'],
         # Study reports and the theory lab's plots (python -m pilaf_jax.study report, analysis/theory.py).
         'study': ['matplotlib'],
     },

@@ -78,7 +78,7 @@ def main():
   print(f'DPO step: {tokens / seconds:,.0f} tokens/s, MFU {flops / seconds / (args.peak_tflops * 1e12):.1%}')
 
   # PILAF sampler rows: B vanilla policy rows and B mixed rows (policy + reference).
-  settings = DecodeSettings(max_new_tokens=r, eos_id=-1)  # No EOS: every row runs r steps.
+  settings = DecodeSettings(max_new_tokens=r, eos_ids=-1)  # No EOS: every row runs r steps.
   rows = PromptBatch(jnp.tile(prompts.tokens, (2, 1)), jnp.tile(prompts.mask, (2, 1)))
   layout = RowLayout(policy_only=b, mixed=b)
   sample = jax.jit(functools.partial(decode, model, model, layout=layout, settings=settings))

@@ -55,7 +55,7 @@ def read_checkpoint_config(spec: str):
     return gguf.read_gguf_config(path)
   from pilaf_jax.model import hf
   config = hf.read_hf_config(path)
-  hf._weight_files(path)  # pylint: disable=protected-access
+  hf.weight_files(path)
   return config
 
 

@@ -29,6 +29,7 @@ the model still runs but with scrambled relative positions.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pilaf_jax.model.checkpoints import CheckpointError, CheckpointInfo, resolve_path
-from pilaf_jax.model.llama import LlamaConfig, init_params
+from pilaf_jax.model.llama import LlamaConfig, init_params, is_stacked
 
 # GGUF block tensor -> (module path under layers_N, parameter name for '.weight').
 _BLOCK_TENSORS = {
@@ -208,8 +209,8 @@ def read_gguf_config(path: str) -> tuple[LlamaConfig, CheckpointInfo]:
   return _config_and_info(reader, path, 'float32', {t.name for t in reader.tensors})
 
 
-def load_gguf_checkpoint(path: str, dtype: str = 'float32',
-                         shardings: Any = None) -> tuple[LlamaConfig, dict, CheckpointInfo]:
+def load_gguf_checkpoint(path: str, dtype: str = 'float32', shardings: Any = None,
+                         scan_layers: Optional[bool] = None) -> tuple[LlamaConfig, dict, CheckpointInfo]:
   """Reads a llama-architecture GGUF file into (config, params, info).
 
   path: a filesystem path or `package:<package>/<file>`. dtype: of the returned parameters (and of
@@ -218,10 +219,19 @@ def load_gguf_checkpoint(path: str, dtype: str = 'float32',
   jax.make_array_from_callback as soon as it is dequantised.
   """
   import gguf
+  from pilaf_jax.model import hf
   path = resolve_path(path)
   reader = _reader(path)
   by_name = {t.name: t for t in reader.tensors}
   cfg, info = _config_and_info(reader, path, dtype, set(by_name))
+  # Scanned layers (model.scan_layers): load per layer, then stack (see hf.load_hf_checkpoint).
+  stacked_shardings = None
+  if scan_layers is None:
+    scan_layers = isinstance(shardings, dict) and is_stacked(shardings)
+  if isinstance(shardings, dict) and is_stacked(shardings):
+    stacked_shardings = shardings
+    rest, layer = hf.per_layer_shardings(shardings)
+    shardings = dict(rest, **{f'layers_{i}': layer for i in range(cfg.num_layers)})
   expected = {tuple(k.key for k in p): leaf.shape
               for p, leaf in jax.tree_util.tree_leaves_with_path(
                   jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0)))}
@@ -268,4 +278,7 @@ def load_gguf_checkpoint(path: str, dtype: str = 'float32',
   if missing:
     raise CheckpointError(f'{path}: GGUF file lacks {len(missing)} parameter(s), e.g. {missing[:3]}; '
                           f'expected all {cfg.num_layers} llama blocks.')
+  if scan_layers:
+    cfg = dataclasses.replace(cfg, scan_layers=True)
+    params = hf.to_scanned(params, stacked_shardings)
   return cfg, params, info

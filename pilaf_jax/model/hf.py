@@ -13,6 +13,11 @@ Name mapping (HF -> ours; kernels are HF weights transposed to [in, out]):
   model.norm.weight                          norm/scale
   lm_head.weight                             lm_head/kernel                      (absent when tied)
   score.weight [num_labels, d]               score/kernel [d, num_labels]        (reward models)
+
+Scanned layers (model.scan_layers): the decoder layers are one `layers` subtree with a leading
+[num_layers] axis. Checkpoints keep HF's per-layer tensors; loading stacks them (when asked with
+scan_layers=True, or when `shardings` is in the stacked layout) and saving unstacks them, so a file
+written from either layout is the same.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensor
 import numpy as np
 
 from pilaf_jax.model.checkpoints import CheckpointError, CheckpointInfo, resolve_path
-from pilaf_jax.model.llama import LlamaConfig, init_params
+from pilaf_jax.model.llama import (LlamaConfig, init_params, is_stacked, stack_layer_params,
+                                   unstack_layer_params)
 
 SUPPORTED_MODEL_TYPES = ('llama', 'qwen2', 'mistral')
 _ARCH_PREFIX = {'llama': 'Llama', 'qwen2': 'Qwen2', 'mistral': 'Mistral'}
@@ -208,7 +214,7 @@ def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
   return tree
 
 
-def _weight_files(root: str) -> dict[str, list[str]]:
+def weight_files(root: str) -> dict[str, list[str]]:
   """{safetensors file: [tensor names]} of a checkpoint (single file or sharded index)."""
   single = os.path.join(root, 'model.safetensors')
   index = os.path.join(root, 'model.safetensors.index.json')
@@ -248,8 +254,33 @@ def _place(host: np.ndarray, sharding: Any) -> jax.Array:
   return array
 
 
-def load_hf_checkpoint(path: str, dtype: Any = 'float32',
-                       shardings: Any = None) -> tuple[LlamaConfig, dict]:
+def per_layer_shardings(shardings: Any) -> tuple[dict, Any]:
+  """(the non-layer entries, one layer's shardings) from shardings (or specs) of the stacked
+  layout: each layer's array is sharded like its slice of the stacked array (layer axis dropped)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  def drop(x):
+    if isinstance(x, NamedSharding):
+      return NamedSharding(x.mesh, PartitionSpec(*tuple(x.spec)[1:]))
+    if isinstance(x, PartitionSpec):
+      return PartitionSpec(*tuple(x)[1:])
+    return x  # A single-device sharding: the same for a slice.
+
+  is_leaf = lambda x: isinstance(x, PartitionSpec)
+  layers = shardings['layers']
+  out = {k: v for k, v in shardings.items() if k != 'layers'}
+  return out, jax.tree.map(drop, layers, is_leaf=is_leaf)
+
+
+def to_scanned(params: dict, shardings: Any = None) -> dict:
+  """Per-layer params -> the stacked layout, placed on `shardings` (stacked layout) when given."""
+  if shardings is None:
+    return stack_layer_params(params)
+  return jax.jit(stack_layer_params, out_shardings=shardings)(params)
+
+
+def load_hf_checkpoint(path: str, dtype: Any = 'float32', shardings: Any = None,
+                       scan_layers: Optional[bool] = None) -> tuple[LlamaConfig, dict]:
   """(config, params) of a Hugging Face checkpoint directory, params cast to `dtype`.
 
   shardings: None (arrays on the default device), or a pytree of Shardings matching the params
@@ -257,10 +288,22 @@ def load_hf_checkpoint(path: str, dtype: Any = 'float32',
   straight to its shards. The config's param_dtype is `dtype`. Sequence-classification checkpoints
   give 'score' instead of 'lm_head' (see read_hf_config's info.num_labels and reward_model).
 
+  scan_layers: return the stacked (model.scan_layers) layout and a config with scan_layers=True;
+  None: stacked exactly when `shardings` is. Tensors are read and placed layer by layer as usual
+  (each on its slice's sharding), then stacked on device: peak memory holds the layers twice.
+
   Raises CheckpointError naming the file and tensor for a missing, unexpected or misshapen tensor.
   """
   from safetensors import safe_open
 
+  stacked_shardings = None
+  if scan_layers is None:
+    scan_layers = shardings is not None and is_stacked(shardings)
+  if shardings is not None and is_stacked(shardings):
+    stacked_shardings = shardings
+    rest, layer = per_layer_shardings(shardings)
+    num = read_hf_config(path)[0].num_layers
+    shardings = dict(rest, **{f'layers_{i}': layer for i in range(num)})
   cfg, info = read_hf_config(path)
   dtype = jnp.dtype(dtype)
   cfg = dataclasses.replace(cfg, param_dtype=dtype.name)
@@ -277,7 +320,7 @@ def load_hf_checkpoint(path: str, dtype: Any = 'float32',
       extra = sorted('/'.join(p) for p in set(flat_shardings) - {p for p, _, _ in expected.values()})
       raise ValueError(f'shardings do not match the params of {root}: missing {missing}, extra {extra}.')
 
-  files = _weight_files(root)
+  files = weight_files(root)
   ignored = set(_IGNORED_SUFFIXES)
   if cfg.tie_embeddings:
     ignored.add('lm_head.weight')  # Some exporters write the tied copy as well.
@@ -309,7 +352,11 @@ def load_hf_checkpoint(path: str, dtype: Any = 'float32',
         del raw
         out[p] = _place(host, None if flat_shardings is None else flat_shardings[p])
         del host
-  return cfg, _unflatten(out)
+  params = _unflatten(out)
+  if scan_layers:
+    cfg = dataclasses.replace(cfg, scan_layers=True)
+    params = to_scanned(params, stacked_shardings)
+  return cfg, params
 
 
 def _gather(x: Any) -> np.ndarray:
@@ -367,6 +414,9 @@ def save_hf_checkpoint(path: str, cfg: LlamaConfig, params: Any, *,
   tensor at a time. max_position_embeddings: written to config.json (0: 8 x the rope's original
   context with llama3 scaling, else 32768); it does not change the model's outputs.
   """
+  if is_stacked(params):
+    params = unstack_layer_params(params)  # Files hold HF's per-layer tensors.
+  cfg = dataclasses.replace(cfg, scan_layers=False)
   flat = _flat(params)
   num_labels = int(flat[('score', 'kernel')].shape[1]) if ('score', 'kernel') in flat else 0
   expected = set(_flat(hf_param_shapes(cfg, num_labels)))

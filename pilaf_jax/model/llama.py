@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Any, Optional, Union
 
 import flax
 import flax.linen as nn
@@ -45,6 +45,10 @@ class LlamaConfig:
   tie_embeddings: bool = False
   attention_bias: bool = False  # Qwen2 uses q/k/v biases.
   remat: bool = False  # Recompute each layer's activations in the backward pass (large models).
+  # One decoder layer body run num_layers times under flax.linen.scan: compile time no longer grows
+  # with depth. Params then hold one 'layers' subtree whose arrays have a leading [num_layers] axis
+  # (stack_layer_params / unstack_layer_params convert), and the KV cache is stacked the same way.
+  scan_layers: bool = False
   dtype: str = 'float32'  # Activations.
   param_dtype: str = 'float32'
 
@@ -79,21 +83,26 @@ class KVCache:
   """Keys/values of every layer for a fixed number of slots.
 
   k, v: one [batch, slots, kv_heads, head_dim] array per layer (tuples, so each layer updates its own
-  buffer in place). valid: [batch, slots], True where a slot holds a
-  real (non-padding) token. index: the next slot to write (shared by the batch; prompts are
-  left-padded so that every row writes the same slot at the same step).
+  buffer in place), or with cfg.scan_layers one [num_layers, batch, slots, kv_heads, head_dim] array
+  each. valid: [batch, slots], True where a slot holds a real (non-padding) token. index: the next
+  slot to write (shared by the batch; prompts are left-padded so that every row writes the same slot
+  at the same step).
   """
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
+  k: Union[tuple[jax.Array, ...], jax.Array]
+  v: Union[tuple[jax.Array, ...], jax.Array]
   valid: jax.Array
   index: jax.Array
 
   @classmethod
   def zeros(cls, cfg: LlamaConfig, batch: int, slots: int) -> 'KVCache':
     shape = (batch, slots, cfg.num_kv_heads, cfg.resolved_head_dim)
-    zeros = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
-    return cls(k=zeros, v=zeros,
-               valid=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
+    if cfg.scan_layers:
+      k = jnp.zeros((cfg.num_layers,) + shape, cfg.dtype)
+      v = jnp.zeros((cfg.num_layers,) + shape, cfg.dtype)
+    else:
+      k = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
+      v = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
+    return cls(k=k, v=v, valid=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
 
 
 class RMSNorm(nn.Module):
@@ -149,17 +158,64 @@ def apply_rotary(x: jax.Array, positions: jax.Array, theta: float | np.ndarray) 
   return out.astype(x.dtype)
 
 
-def _dense(features: int, name: str, cfg: LlamaConfig, bias: bool = False) -> nn.Dense:
-  return nn.Dense(features, use_bias=bias, name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                  kernel_init=nn.initializers.normal(0.02))
+@jax.custom_vjp
+def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., in] @ kernel [in, out]; the backward pass materialises the incoming gradient first.
+
+  Without the barrier, XLA:CPU fuses the elementwise producers of the gradient (SwiGLU, softmax,
+  norm backward) into the transposing copy that feeds the weight-gradient GEMM, and that fusion
+  reads its inputs column-wise: it cost more than the GEMMs themselves. Same products as
+  autodiff's (x^T g and g k^T), so gradients agree up to float rounding.
+  """
+  return jnp.matmul(x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+  return jnp.matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(res, g):
+  x, kernel = res
+  g = jax.lax.optimization_barrier(g)
+  dx = jnp.matmul(g, kernel.T).astype(x.dtype)
+  dk = jnp.einsum('...i,...o->io', x, g).astype(kernel.dtype)
+  return dx, dk
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Dense(nn.Module):
+  """flax.linen.Dense's parameters (`kernel` [in, out], `bias`) and init, with _matmul."""
+  features: int
+  use_bias: bool
+  dtype: str
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.normal(0.02), (x.shape[-1], self.features),
+                        self.param_dtype)
+    y = _matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def _dense(features: int, name: str, cfg: LlamaConfig, bias: bool = False) -> Dense:
+  return Dense(features, use_bias=bias, name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
 class Attention(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, keys_valid, layer_kv, cache_index):
+  def __call__(self, x, positions, keys_valid, layer_kv, cache_index, layer=None):
     """x: [B, T, d]. layer_kv: (k, v) slots [B, S, Hkv, D] or None (no cache: keys are x itself).
+
+    With `layer` (a traced index, scanned layers), layer_kv is the stacked cache
+    [num_layers, B, S, Hkv, D] and only this layer's slots are written and read.
 
     keys_valid: [B, S] (or [B, T] without cache). Queries at slot cache_index + t attend to valid
     slots <= their own. Returns (out, new_layer_kv).
@@ -177,23 +233,42 @@ class Attention(nn.Module):
 
     if layer_kv is None:
       keys, values, new_kv = k, v, None
-    else:
+    elif layer is None:
       keys = jax.lax.dynamic_update_slice(layer_kv[0], k.astype(layer_kv[0].dtype), (0, cache_index, 0, 0))
       values = jax.lax.dynamic_update_slice(layer_kv[1], v.astype(layer_kv[1].dtype), (0, cache_index, 0, 0))
       new_kv = (keys, values)
+    else:
+      start = (layer, 0, cache_index, 0, 0)
+      all_k = jax.lax.dynamic_update_slice(layer_kv[0], k[None].astype(layer_kv[0].dtype), start)
+      all_v = jax.lax.dynamic_update_slice(layer_kv[1], v[None].astype(layer_kv[1].dtype), start)
+      keys = jax.lax.dynamic_index_in_dim(all_k, layer, 0, keepdims=False)
+      values = jax.lax.dynamic_index_in_dim(all_v, layer, 0, keepdims=False)
+      new_kv = (all_k, all_v)
+    out = attend(q, keys, values, keys_valid, cache_index)
+    return _dense(cfg.hidden_size, 'o_proj', cfg)(out.reshape(b, t, cfg.num_heads * hd)), new_kv
 
-    s = keys.shape[1]
-    query_slot = cache_index + jnp.arange(t)
-    causal = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
-    mask = causal[None, :, :] & keys_valid[:, None, :]  # [B, T, S]
 
-    groups = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
-    scores = jnp.einsum('btkgd,bskd->bkgts', q, keys).astype(jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum('bkgts,bskd->btkgd', probs, values).reshape(b, t, cfg.num_heads * hd)
-    return _dense(cfg.hidden_size, 'o_proj', cfg)(out), new_kv
+def attend(q: jax.Array, keys: jax.Array, values: jax.Array, keys_valid: jax.Array,
+           cache_index) -> jax.Array:
+  """Masked softmax attention, [B, T, H, D] queries over [B, S, Hkv, D] keys/values -> [B, T, H, D].
+
+  Grouped-query heads are folded into the query axis, so both products are plain batched matmuls
+  over (row, kv head): [B, Hkv, G*T, D] x [B, Hkv, S, D], a layout every XLA backend runs as one
+  GEMM call per batch entry. Scores and the softmax are float32.
+  """
+  b, t, h, d = q.shape
+  s, kh = keys.shape[1], keys.shape[2]
+  g = h // kh
+  query_slot = cache_index + jnp.arange(t)
+  causal = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
+  mask = causal[None, :, :] & keys_valid[:, None, :]  # [B, T, S]
+  qg = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
+  scores = jnp.einsum('bkqd,bskd->bkqs', qg, keys, preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, kh, g, t, s) / jnp.sqrt(d).astype(jnp.float32)
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(b, kh, g * t, s)
+  out = jnp.einsum('bkqs,bskd->bkqd', probs, values)  # [B, Hkv, G*T, D]
+  return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class MLP(nn.Module):
@@ -209,15 +284,21 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
   cfg: LlamaConfig
+  scanned: bool = False  # Called by nn.scan: x is the carry (x, stacked (k, v) or None, layer index).
 
   @nn.compact
   def __call__(self, x, positions, keys_valid, layer_kv, cache_index):
     cfg = self.cfg
+    layer = None
+    if self.scanned:
+      x, layer_kv, layer = x
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
     h, new_kv = Attention(cfg, name='self_attn')(norm('input_layernorm')(x), positions, keys_valid,
-                                                 layer_kv, cache_index)
+                                                 layer_kv, cache_index, layer)
     x = x + h
     x = x + MLP(cfg, name='mlp')(norm('post_attention_layernorm')(x))
+    if self.scanned:
+      return (x, new_kv, layer + 1), None
     return x, new_kv
 
 
@@ -247,19 +328,28 @@ class Llama(nn.Module):
     else:
       keys_valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
       cache_index = cache.index
-    new_k, new_v = [], []
-    layer = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
-    for i in range(cfg.num_layers):
-      layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = layer(cfg, name=f'layers_{i}')(x, positions, keys_valid, layer_kv, cache_index)
-      if cache is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+    layer = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers) if cfg.remat else DecoderLayer
+    if cfg.scan_layers:
+      stack = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.num_layers)
+      kv = None if cache is None else (cache.k, cache.v)
+      (x, kv, _), _ = stack(cfg, scanned=True, name='layers')(
+          (x, kv, jnp.zeros((), jnp.int32)), positions, keys_valid, None, cache_index)
+      new_k, new_v = (None, None) if cache is None else kv
+    else:
+      new_k, new_v = [], []
+      for i in range(cfg.num_layers):
+        layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+        x, kv = layer(cfg, name=f'layers_{i}')(x, positions, keys_valid, layer_kv, cache_index)
+        if cache is not None:
+          new_k.append(kv[0])
+          new_v.append(kv[1])
+      new_k, new_v = tuple(new_k), tuple(new_v)
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='norm')(x)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=keys_valid,
-                          index=cache.index + tokens.shape[1])
+      new_cache = KVCache(k=new_k, v=new_v, valid=keys_valid, index=cache.index + tokens.shape[1])
     if return_hidden:
       return x.astype(jnp.float32), new_cache
     if cfg.tie_embeddings:
@@ -277,3 +367,36 @@ def init_params(cfg: LlamaConfig, rng: jax.Array) -> dict:
 
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+def _layer_index(name: str) -> Optional[int]:
+  if name.startswith('layers_') and name[len('layers_'):].isdigit():
+    return int(name[len('layers_'):])
+  return None
+
+
+def is_stacked(params: Any) -> bool:
+  """Whether params (or anything shaped like them: shardings, specs) are in the scanned layout."""
+  return isinstance(params, dict) and 'layers' in params
+
+
+def stack_layer_params(params: Any) -> dict:
+  """Per-layer params (`layers_0` ... `layers_{L-1}`) -> the scanned layout (`layers`, every leaf
+  with a leading [L] axis). Other entries (embedding, final norm, heads) are kept as they are."""
+  layers = sorted((i, k) for k in params if (i := _layer_index(k)) is not None)
+  if [i for i, _ in layers] != list(range(len(layers))) or not layers:
+    raise ValueError(f'expected params layers_0 ... layers_N, got {sorted(params)}.')
+  out = {k: v for k, v in params.items() if _layer_index(k) is None}
+  out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for _, k in layers])
+  return out
+
+
+def unstack_layer_params(params: Any) -> dict:
+  """The scanned layout (`layers`, leading [L] axis) -> per-layer params `layers_0` ... ."""
+  if not is_stacked(params):
+    raise ValueError(f'expected scanned params with a "layers" entry, got {sorted(params)}.')
+  num_layers = jax.tree.leaves(params['layers'])[0].shape[0]
+  out = {k: v for k, v in params.items() if k != 'layers'}
+  for i in range(num_layers):
+    out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['layers'])
+  return out

@@ -20,6 +20,24 @@ def masked_log_softmax(logits: jax.Array, allowed_tokens: Optional[jax.Array]) -
   return jax.nn.log_softmax(logits, axis=-1)
 
 
+def token_logprobs(logits: jax.Array, tokens: jax.Array,
+                   allowed_tokens: Optional[jax.Array] = None) -> jax.Array:
+  """log_softmax(logits)[..., tokens] (restricted to allowed_tokens), without the full log_softmax.
+
+  logits [..., V], tokens [...] -> [...]. The token's logit minus the logsumexp: the [..., V]
+  log-probabilities are never materialised, and the token is picked with a one-hot compare instead
+  of a gather, so the backward pass is elementwise (a gather's gradient is a scatter-add, slow on
+  CPU). Equal to masked_log_softmax + take_along_axis up to float rounding.
+  """
+  if allowed_tokens is not None:
+    logits = jnp.where(allowed_tokens, logits, -jnp.inf)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  hit = tokens[..., None] == jnp.arange(logits.shape[-1], dtype=tokens.dtype)
+  # The max of the picked entry: -inf for a disallowed token (a where-sum would give nan there).
+  picked = jnp.max(jnp.where(hit, logits, -jnp.inf), axis=-1)
+  return picked - lse
+
+
 def sequence_inputs(prompt_tokens, prompt_mask, response_tokens, response_mask):
   """Concatenates left-padded prompts [B, P] with right-padded responses [B, R].
 
@@ -40,6 +58,5 @@ def response_logprobs(model: Llama, params, prompt_tokens: jax.Array, prompt_mas
   logits, _ = model.apply({'params': params}, tokens, positions, valid)
   p = prompt_tokens.shape[1]
   # The logits at position P - 1 + t predict response token t.
-  logprobs = masked_log_softmax(logits[:, p - 1:-1], allowed_tokens)
-  token_lp = jnp.take_along_axis(logprobs, response_tokens[..., None], axis=-1)[..., 0]
+  token_lp = token_logprobs(logits[:, p - 1:-1], response_tokens, allowed_tokens)
   return jnp.where(response_mask, token_lp, 0.0)

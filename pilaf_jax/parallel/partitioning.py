@@ -9,6 +9,10 @@ Megatron layout is:
   embedding        [vocab, d]                          -> ('tensor', 'fsdp')
   norms, biases    replicated (a few KB per layer)
 
+Scanned layers (model.scan_layers) keep every layer's arrays in one `layers/...` leaf with a leading
+[num_layers] axis; that axis is never sharded (each scan step reads one layer), so their spec is the
+per-layer rule's with a None in front (`layers/mlp/down_proj/kernel` -> (None, 'tensor', 'fsdp')).
+
 With tensor=1 this is plain FSDP (every matrix split over fsdp on its model dimension); with
 fsdp=1 it is plain tensor parallelism. Optimizer moments follow their parameter.
 
@@ -118,6 +122,8 @@ def param_partition_specs(params: Any, rules: Rules = LLAMA_RULES,
       specs.append(P())
       continue
     rule, spec = found
+    if re.match(r'(.*/)?layers/', name):
+      spec = P(None, *spec)  # The stacked layer axis of scanned layers.
     if sizes is not None:
       problems += spec_problems(name, np.shape(leaf), spec, sizes, rule)
     specs.append(spec)
@@ -237,15 +243,23 @@ def kv_cache_specs(cache: KVCache, mesh: MeshLike) -> KVCache:
 
   k, v [B, S, Hkv, D]: rows over ('data', 'fsdp') and kv heads over 'tensor' when they divide (the
   attention einsums then need no communication); anything that does not divide stays replicated
-  along that dim. valid [B, S] follows the rows; index is a replicated scalar.
+  along that dim. Scanned layers' stacked [L, B, S, Hkv, D] arrays: the same, the layer axis
+  unsharded. valid [B, S] follows the rows; index is a replicated scalar.
   """
   sizes = axis_sizes(mesh)
   rows = cache.valid.shape[0]
   batch = _batch_entry(rows, sizes)
   tensor = sizes.get('tensor', 1)
-  kv_spec = lambda x: P(batch, None, 'tensor' if x.shape[2] % tensor == 0 else None, None)
-  return KVCache(k=tuple(kv_spec(x) for x in cache.k), v=tuple(kv_spec(x) for x in cache.v),
-                 valid=P(batch, None), index=P())
+
+  def kv_spec(x):
+    spec = (batch, None, 'tensor' if x.shape[-2] % tensor == 0 else None, None)
+    return P(*((None,) * (len(x.shape) - 4) + spec))
+
+  if isinstance(cache.k, (tuple, list)):
+    k, v = tuple(kv_spec(x) for x in cache.k), tuple(kv_spec(x) for x in cache.v)
+  else:
+    k, v = kv_spec(cache.k), kv_spec(cache.v)
+  return KVCache(k=k, v=v, valid=P(batch, None), index=P())
 
 
 def kv_cache_sharding(cache: KVCache, mesh: Mesh) -> KVCache:

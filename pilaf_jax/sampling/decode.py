@@ -136,8 +136,8 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
   if run_ref:
     ref_logits, ref_cache = _prefill(ref, ref_params, prompts.take(ref_rows), positions[ref_rows], slots)
 
-  def body(carry):
-    t, done, pol_logits, pol_cache, ref_logits, ref_cache, out = carry
+  def sample(t, done, pol_logits, ref_logits, out):
+    """Draws response token t of every row and records it; returns (token, valid, done, out)."""
     lp_pol = masked_log_softmax(pol_logits, allowed_tokens) if run_policy else None
     lp_ref = masked_log_softmax(ref_logits, allowed_tokens) if run_ref else None
     logits = filter_logits(layout_logprobs(layout, lp_pol, lp_ref, mix_coef), settings.temperature,
@@ -152,9 +152,14 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
       new['policy_logprobs'] = new['policy_logprobs'].at[pol_rows].set(_token_logprob(lp_pol, token[pol_rows]))
     if run_ref:
       new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(_token_logprob(lp_ref, token[ref_rows]))
-    out = {k: out[k].at[:, t].set(jnp.where(valid, new[k], out[k][:, t])) for k in out}
-    done = done | settings.is_stop(token)
+    out = {k: jax.lax.dynamic_update_index_in_dim(
+        out[k], jnp.where(valid, new[k], jax.lax.dynamic_index_in_dim(out[k], t, 1, False)), t, 1)
+           for k in out}
+    return token, valid, done | settings.is_stop(token), out
 
+  def body(carry):
+    t, done, pol_logits, pol_cache, ref_logits, ref_cache, out = carry
+    token, valid, done, out = sample(t, done, pol_logits, ref_logits, out)
     # Feed the sampled token: it sits at slot P + t and position prompt_len + t.
     step_pos = (prompt_len + t)[:, None]
     if run_policy:
@@ -168,13 +173,19 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
     return t + 1, done, pol_logits, pol_cache, ref_logits, ref_cache, out
 
   def cond(carry):
+    # The last token (t = R - 1) is sampled after the loop: nothing reads the forward pass of it.
     t, done = carry[0], carry[1]
-    return (t < r) & ~jnp.all(done)
+    return (t < r - 1) & ~jnp.all(done)
 
   out = dict(tokens=jnp.full((n, r), settings.pad_id, jnp.int32), mask=jnp.zeros((n, r), bool),
              policy_logprobs=jnp.zeros((n, r), jnp.float32), ref_logprobs=jnp.zeros((n, r), jnp.float32),
              sampling_logprobs=jnp.zeros((n, r), jnp.float32))
   carry = (jnp.zeros((), jnp.int32), jnp.zeros((n,), bool), pol_logits, pol_cache, ref_logits,
            ref_cache, out)
-  t, _, _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
+  t, done, pol_logits, _, ref_logits, _, out = jax.lax.while_loop(cond, body, carry)
+  # The final step (t < R, since the loop stops at R - 1): rows already done record nothing, so
+  # running it when every row has ended changes no output; it only counts as a step when it samples.
+  live = ~jnp.all(done)
+  _, _, _, out = sample(t, done, pol_logits, ref_logits, out)
+  t = t + live.astype(t.dtype)
   return Rollout(steps=t, **out)

@@ -1,0 +1,430 @@
+r"""pilaf_jax's kernels against PyTorch + transformers on the same machine, same weights, same shapes.
+
+  pip install -e .[bench]                 # torch (CPU build) + transformers
+  python benchmarks/vs_torch.py           # the default configuration (issue 10)
+  python benchmarks/vs_torch.py --hidden=1024 --layers=8 --intermediate=4096
+  python benchmarks/vs_torch.py --only=a,b,d --runs=7
+
+One tiny Llama (default: vocab 512, hidden 256, 4 layers, 4 heads, ffn 1024, fp32) is initialised in
+Flax, written as a Hugging Face checkpoint (pilaf_jax.model.hf.save_hf_checkpoint) and loaded by
+transformers' LlamaForCausalLM, so both sides run the very same weights; the logits of both are
+compared before anything is timed. The reference model is a second random init, saved the same way.
+
+Figures (each side's own idiomatic code path):
+  a  vanilla sampling, KV cache, batch 64, prompt 16, 48 new tokens, T=1, no top-k/top-p, no EOS:
+     pilaf_jax `decode` (RowLayout(policy_only=B)) vs HF `generate(do_sample=True)`      new tok/s
+  b  the pi_plus mixture softmax(1.1 log pi - 0.1 log pi_ref), both models' KV caches:
+     `decode` (RowLayout(mixed=B)) vs a hand-written two-cache loop                     new tok/s
+  c  the same mixture without a cache (every step re-runs the prefix through both models, as TRL's
+     Nash-MD mixture): `decode_uncached` (growing prefix in chunks of --prefix-bucket) vs a loop
+     calling the models on the whole prefix                                            new tok/s
+  d  one DPO step on 32 pairs of 16 + 48 tokens: reference forward (no grad) + policy forward and
+     backward + AdamW (torch defaults: b2 0.999, weight decay 0.01, lr 1e-5):
+     `response_logprobs` + `dpo_step` in one jitted, state-donating function vs the usual PyTorch
+     step                                                                                  pairs/s
+
+Timing: the jax functions are compiled ahead of time (compile seconds reported separately); every
+figure runs --warmup untimed runs per side, then --runs timed runs alternating jax, torch, jax,
+torch, ... so that load from other jobs hits both alike; medians and ratios (jax / torch) are
+printed. The machine's fp32 matmul peak is measured in the same run for both libraries (a square
+--peak-n matmul), and each figure's achieved model FLOP/s is printed as a fraction of the higher of
+the two peaks. Model FLOPs: 2 per matmul weight per token (lm_head included, embedding lookups not)
+plus attention's 4 * layers * d_attn * context per token; decoding counts every model that ran on
+every token it produced (prefill included); the DPO step counts 1 forward for the reference and 3
+for the policy; the uncached mixture counts the work it did (the whole prefix at every step).
+
+Nothing is downloaded: both models are random. torch uses --threads threads (default: every core).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import math
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from pilaf_jax.batches import PairBatch, PreferenceBatch, PromptBatch, SamplingCost  # noqa: E402
+from pilaf_jax.learning.dpo import dpo_step  # noqa: E402
+from pilaf_jax.learning.train_state import init_train_state  # noqa: E402
+from pilaf_jax.model.hf import save_hf_checkpoint  # noqa: E402
+from pilaf_jax.model.llama import Llama, LlamaConfig, init_params  # noqa: E402
+from pilaf_jax.model.scoring import response_logprobs  # noqa: E402
+from pilaf_jax.sampling.decode import DecodeSettings, RowLayout, decode  # noqa: E402
+from pilaf_jax.sampling.uncached import decode_uncached  # noqa: E402
+
+FIGURES = ('a', 'b', 'c', 'd')
+NAMES = {'a': 'vanilla decoding, KV cache', 'b': 'pi_plus mixture, both caches',
+         'c': 'mixture without cache', 'd': 'DPO step (ref fwd + fwd/bwd + AdamW)'}
+UNITS = {'a': 'new tok/s', 'b': 'new tok/s', 'c': 'new tok/s', 'd': 'pairs/s'}
+
+
+# --- FLOP counts ---------------------------------------------------------------------------------
+
+def matmul_params(cfg: LlamaConfig) -> int:
+  """Weights that take part in a matmul per token (everything but the embedding and the norms)."""
+  hd = cfg.resolved_head_dim
+  attn = cfg.hidden_size * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+  return cfg.num_layers * (attn + mlp) + cfg.hidden_size * cfg.vocab_size
+
+
+def token_flops(cfg: LlamaConfig, context: float) -> float:
+  """Forward FLOPs of one token attending to `context` keys."""
+  return 2 * matmul_params(cfg) + 4 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * context
+
+
+def decode_flops(cfg: LlamaConfig, rows: int, prompt: int, new: int, models: int) -> float:
+  """Prefill of the prompt plus new - 1 cached steps, per model (the last token is not fed back)."""
+  prefill = prompt * token_flops(cfg, (prompt + 1) / 2)
+  steps = sum(token_flops(cfg, prompt + t + 1) for t in range(new - 1))
+  return models * rows * (prefill + steps)
+
+
+def uncached_flops(cfg: LlamaConfig, rows: int, prompt: int, new: int, models: int,
+                   bucket: int) -> float:
+  """What decode_uncached feeds: step t runs the first P + bucket-rounded slots."""
+  total = 0.0
+  for t in range(new):
+    length = prompt + min(new, (t // bucket + 1) * bucket) if bucket else prompt + new
+    total += length * token_flops(cfg, (length + 1) / 2)
+  return models * rows * total
+
+
+def dpo_flops(cfg: LlamaConfig, pairs: int, length: int) -> float:
+  return 4 * 2 * pairs * length * token_flops(cfg, (length + 1) / 2)
+
+
+# --- Timing --------------------------------------------------------------------------------------
+
+def alternate(fns: dict, warmup: int, runs: int) -> dict:
+  """{side: [seconds]}: warm-up runs, then the sides timed in turn (a, b, a, b, ...)."""
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
+  times = {k: [] for k in fns}
+  for _ in range(runs):
+    for k, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - start)
+  return times
+
+
+def jax_peak(n: int, runs: int) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  best = min(_timed(lambda: f(a, b).block_until_ready()) for _ in range(runs))
+  return 2 * n ** 3 / best
+
+
+def torch_peak(torch, n: int, runs: int) -> float:
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  torch.matmul(a, b)
+  best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(runs))
+  return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+# --- The PyTorch side (the same loops as a PyTorch user would write) -----------------------------
+
+class TorchSide:
+
+  def __init__(self, torch, policy_dir: str, ref_dir: str, threads: int):
+    import transformers
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    self.torch, self.F = torch, torch.nn.functional
+    torch.set_num_threads(threads)
+    self.version = f'torch {torch.__version__}, transformers {transformers.__version__}'
+    load = lambda d: LlamaForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                      attn_implementation='sdpa').eval()
+    self.policy, self.ref = load(policy_dir), load(ref_dir)
+    # transformers >= 5 renamed the forward kwarg `past_key_values` to `cache` in some versions.
+    params = inspect.signature(LlamaForCausalLM.forward).parameters
+    self.cache_kw = 'cache' if 'cache' in params else 'past_key_values'
+    self.load = load
+    self.policy_dir = policy_dir
+
+  def logits(self, tokens: np.ndarray) -> np.ndarray:
+    with self.torch.inference_mode():
+      return self.policy(input_ids=self.torch.from_numpy(tokens)).logits.float().numpy()
+
+  def _out_cache(self, out):
+    return getattr(out, self.cache_kw)
+
+  def generate(self, prompt, new_tokens: int):
+    """(a) HF generate: multinomial sampling, T=1, no top-k / top-p, KV cache, no EOS."""
+    with self.torch.inference_mode():
+      return self.policy.generate(
+          input_ids=prompt, attention_mask=self.torch.ones_like(prompt), do_sample=True,
+          temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+          use_cache=True, eos_token_id=None, pad_token_id=0)[:, prompt.shape[1]:]
+
+  def _mix(self, lp, lr, coef):
+    F = self.F
+    return coef * F.log_softmax(lp, dim=-1) + (1 - coef) * F.log_softmax(lr, dim=-1)
+
+  def mixture_cached(self, prompt, new_tokens: int, coef: float):
+    """(b) two models, each with its own KV cache, mixed per token."""
+    torch = self.torch
+    with torch.inference_mode():
+      op = self.policy(input_ids=prompt, use_cache=True, logits_to_keep=1)
+      orf = self.ref(input_ids=prompt, use_cache=True, logits_to_keep=1)
+      cp, cr = self._out_cache(op), self._out_cache(orf)
+      lp, lr = op.logits[:, -1].float(), orf.logits[:, -1].float()
+      toks = []
+      for step in range(new_tokens):
+        nxt = torch.multinomial(torch.softmax(self._mix(lp, lr, coef), dim=-1), 1)
+        toks.append(nxt)
+        if step == new_tokens - 1:
+          break
+        op = self.policy(input_ids=nxt, use_cache=True, logits_to_keep=1, **{self.cache_kw: cp})
+        orf = self.ref(input_ids=nxt, use_cache=True, logits_to_keep=1, **{self.cache_kw: cr})
+        cp, cr = self._out_cache(op), self._out_cache(orf)
+        lp, lr = op.logits[:, -1].float(), orf.logits[:, -1].float()
+      return torch.cat(toks, dim=1)
+
+  def mixture_uncached(self, prompt, new_tokens: int, coef: float):
+    """(c) the same mixture, both models re-running the whole prefix every step."""
+    torch = self.torch
+    with torch.inference_mode():
+      seq = prompt
+      for _ in range(new_tokens):
+        lp = self.policy(input_ids=seq, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        lr = self.ref(input_ids=seq, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        nxt = torch.multinomial(torch.softmax(self._mix(lp, lr, coef), dim=-1), 1)
+        seq = torch.cat([seq, nxt], dim=1)
+      return seq[:, prompt.shape[1]:]
+
+  def dpo_setup(self, chosen: np.ndarray, rejected: np.ndarray, prompt_len: int, beta: float,
+                lr: float):
+    torch = self.torch
+    self.dpo_policy = self.load(self.policy_dir).train()
+    self.dpo_ref = self.load(self.policy_dir).eval()
+    for p in self.dpo_ref.parameters():
+      p.requires_grad_(False)
+    self.opt = torch.optim.AdamW(self.dpo_policy.parameters(), lr=lr)
+    self.dpo_ids = torch.cat([torch.from_numpy(chosen), torch.from_numpy(rejected)], dim=0)
+    self.dpo_args = (prompt_len, beta)
+
+  def _seq_logps(self, model, ids, prompt_len):
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    lp = self.torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1))
+    return lp.squeeze(-1)[:, prompt_len - 1:].sum(-1)
+
+  def dpo_step(self):
+    """(d) reference forward (no grad) + policy forward/backward + AdamW."""
+    torch, F = self.torch, self.F
+    prompt_len, beta = self.dpo_args
+    ids, n = self.dpo_ids, self.dpo_ids.shape[0] // 2
+    with torch.no_grad():
+      ref_lp = self._seq_logps(self.dpo_ref, ids, prompt_len)
+    pol_lp = self._seq_logps(self.dpo_policy, ids, prompt_len)
+    margin = beta * ((pol_lp[:n] - ref_lp[:n]) - (pol_lp[n:] - ref_lp[n:]))
+    loss = -F.logsigmoid(margin).mean()
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    self.opt.step()
+    return float(loss.detach())
+
+
+# --- The jax side ----------------------------------------------------------------------------------
+
+def jax_dpo_fn(model: Llama, tx, beta: float):
+  """Reference log-probs (teacher-forced, no gradient) and the DPO update, in one program."""
+  def step(state, ref_params, prompts: PromptBatch, chosen, rejected):
+    b, r = chosen.shape
+    both = jnp.concatenate([chosen, rejected], axis=0)
+    mask = jnp.ones_like(both, bool)
+    both_prompts = prompts.repeat(2)
+    ref_lp = response_logprobs(model, ref_params, both_prompts.tokens, both_prompts.mask, both, mask)
+    ref_lp = jax.lax.stop_gradient(ref_lp).reshape(2, b, r).transpose(1, 0, 2)
+    pairs = PairBatch(prompts=prompts, responses=jnp.stack([chosen, rejected], axis=1),
+                      response_mask=jnp.ones((b, 2, r), bool), policy_logprobs=jnp.zeros((b, 2, r)),
+                      ref_logprobs=ref_lp, source=jnp.zeros((b, 2), jnp.int32),
+                      cost=SamplingCost.zero())
+    batch = PreferenceBatch(pairs, jnp.ones((b,), bool))
+    return dpo_step(state, batch, model=model, tx=tx, beta=beta)
+  return step
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--vocab', type=int, default=512)
+  parser.add_argument('--hidden', type=int, default=256)
+  parser.add_argument('--layers', type=int, default=4)
+  parser.add_argument('--heads', type=int, default=4)
+  parser.add_argument('--kv-heads', type=int, default=4)
+  parser.add_argument('--intermediate', type=int, default=0, help='ffn width (0: 4 x hidden)')
+  parser.add_argument('--batch', type=int, default=64, help='sampling rows (a, b, c)')
+  parser.add_argument('--prompt', type=int, default=16, help='prompt length (every figure)')
+  parser.add_argument('--new-tokens', type=int, default=48, help='new tokens / DPO response length')
+  parser.add_argument('--coef', type=float, default=1.1, help='mixture coef (1 + beta: pi_plus)')
+  parser.add_argument('--prefix-bucket', type=int, default=8, help='decode_uncached chunk (c)')
+  parser.add_argument('--dpo-pairs', type=int, default=32)
+  parser.add_argument('--dpo-beta', type=float, default=0.1)
+  parser.add_argument('--lr', type=float, default=1e-5)
+  parser.add_argument('--scan-layers', action='store_true', help='jax side: model.scan_layers')
+  parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads')
+  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--runs', type=int, default=5)
+  parser.add_argument('--runs-uncached', type=int, default=2)
+  parser.add_argument('--peak-n', type=int, default=2048)
+  parser.add_argument('--only', default='a,b,c,d')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--json', default='', help='also write the results here')
+  args = parser.parse_args()
+  only = [f for f in args.only.split(',') if f]
+  if set(only) - set(FIGURES):
+    parser.error(f'--only takes figures from {FIGURES}')
+  try:
+    import torch
+  except ImportError:
+    sys.exit('benchmarks/vs_torch.py needs PyTorch and transformers: pip install -e .[bench]')
+
+  cfg_kw = dict(vocab_size=args.vocab, hidden_size=args.hidden,
+                intermediate_size=args.intermediate or 4 * args.hidden, num_layers=args.layers,
+                num_heads=args.heads, num_kv_heads=args.kv_heads)
+  if args.scan_layers:
+    cfg_kw['scan_layers'] = True
+  cfg = LlamaConfig(**cfg_kw)
+  plain_cfg = LlamaConfig(**{k: v for k, v in cfg_kw.items() if k != 'scan_layers'})
+  model = Llama(cfg)
+  k_pol, k_ref = jax.random.split(jax.random.key(args.seed))
+  plain_policy = init_params(plain_cfg, k_pol)
+  plain_ref = init_params(plain_cfg, k_ref)
+  tmp = tempfile.mkdtemp(prefix='vs_torch_')
+  save_hf_checkpoint(os.path.join(tmp, 'policy'), plain_cfg, plain_policy)
+  save_hf_checkpoint(os.path.join(tmp, 'ref'), plain_cfg, plain_ref)
+  if args.scan_layers:
+    from pilaf_jax.model.llama import stack_layer_params
+    policy_params, ref_params = stack_layer_params(plain_policy), stack_layer_params(plain_ref)
+  else:
+    policy_params, ref_params = plain_policy, plain_ref
+  side = TorchSide(torch, os.path.join(tmp, 'policy'), os.path.join(tmp, 'ref'), args.threads)
+  n_params = sum(x.size for x in jax.tree.leaves(policy_params))
+  print(f'jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cores) | {side.version} '
+        f'({torch.get_num_threads()} threads)')
+  print(f'model: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads / '
+        f'{args.kv_heads} kv, ffn {cfg.intermediate_size}, {n_params / 1e6:.2f}M params, fp32'
+        f'{", scanned layers" if args.scan_layers else ""}')
+
+  rs = np.random.RandomState(args.seed + 1)
+  b, p, r = args.batch, args.prompt, args.new_tokens
+  prompt_np = rs.randint(0, args.vocab, (b, p)).astype(np.int32)
+  # Same weights: both sides' logits on the prompts.
+  ours, _ = model.apply({'params': policy_params}, jnp.asarray(prompt_np),
+                        jnp.broadcast_to(jnp.arange(p), (b, p)), jnp.ones((b, p), bool))
+  diff = float(np.max(np.abs(np.asarray(ours) - side.logits(prompt_np.astype(np.int64)))))
+  print(f'same weights: max |logits_jax - logits_torch| = {diff:.2e}')
+  if diff > 1e-3:
+    sys.exit('the two sides do not compute the same model')
+
+  peak = {'jax': jax_peak(args.peak_n, 5), 'torch': torch_peak(torch, args.peak_n, 5)}
+  machine_peak = max(peak.values())
+  print(f'fp32 matmul {args.peak_n}^3: jax {peak["jax"] / 1e9:,.0f} GFLOP/s, torch '
+        f'{peak["torch"] / 1e9:,.0f} GFLOP/s')
+
+  prompts = PromptBatch(jnp.asarray(prompt_np), jnp.ones((b, p), bool))
+  prompt_t = torch.from_numpy(prompt_np.astype(np.int64))
+  settings = DecodeSettings(max_new_tokens=r, eos_ids=-1)  # No stop token: every row runs R steps.
+  coef = jnp.full((b,), args.coef, jnp.float32)
+  results = {}
+
+  def compiled(fn, *xs):
+    start = time.perf_counter()
+    c = jax.jit(fn).lower(*xs).compile()
+    return c, time.perf_counter() - start
+
+  def run(fig, jax_fn, torch_fn, work, flops, runs):
+    times = alternate({'jax': jax_fn, 'torch': torch_fn}, args.warmup, runs)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rate = {k: work / med[k] for k in med}
+    results[fig] = dict(name=NAMES[fig], unit=UNITS[fig], times=times, rate=rate,
+                        ratio=rate['jax'] / rate['torch'],
+                        peak_fraction={k: flops / med[k] / machine_peak for k in med})
+    print(f'  ({fig}) {NAMES[fig]:<38} jax {rate["jax"]:>10,.1f}  torch {rate["torch"]:>10,.1f} '
+          f'{UNITS[fig]:<9}  ratio {rate["jax"] / rate["torch"]:5.2f}', flush=True)
+
+  key = jax.random.key(args.seed + 2)
+  torch.manual_seed(args.seed + 3)
+  if 'a' in only:
+    fn = functools.partial(decode, model, model, layout=RowLayout(policy_only=b), settings=settings)
+    c, secs = compiled(fn, policy_params, ref_params, prompts, coef[:0], key)
+    print(f'  (a) compile {secs:.1f}s')
+    run('a', lambda: c(policy_params, ref_params, prompts, coef[:0], key).tokens.block_until_ready(),
+        lambda: side.generate(prompt_t, r), b * r, decode_flops(cfg, b, p, r, 1), args.runs)
+  if 'b' in only:
+    fn = functools.partial(decode, model, model, layout=RowLayout(mixed=b), settings=settings)
+    c, secs = compiled(fn, policy_params, ref_params, prompts, coef, key)
+    print(f'  (b) compile {secs:.1f}s')
+    run('b', lambda: c(policy_params, ref_params, prompts, coef, key).tokens.block_until_ready(),
+        lambda: side.mixture_cached(prompt_t, r, args.coef), b * r, decode_flops(cfg, b, p, r, 2),
+        args.runs)
+  if 'c' in only:
+    fn = functools.partial(decode_uncached, model, model, layout=RowLayout(mixed=b),
+                           settings=settings, prefix_bucket=args.prefix_bucket)
+    c, secs = compiled(fn, policy_params, ref_params, prompts, coef, key)
+    print(f'  (c) compile {secs:.1f}s')
+    run('c', lambda: c(policy_params, ref_params, prompts, coef, key).tokens.block_until_ready(),
+        lambda: side.mixture_uncached(prompt_t, r, args.coef), b * r,
+        uncached_flops(cfg, b, p, r, 2, args.prefix_bucket), args.runs_uncached)
+  if 'd' in only:
+    n = args.dpo_pairs
+    chosen = rs.randint(0, args.vocab, (n, r)).astype(np.int32)
+    rejected = rs.randint(0, args.vocab, (n, r)).astype(np.int32)
+    dpo_prompts = PromptBatch(jnp.asarray(prompt_np[:n]), jnp.ones((n, p), bool))
+    # torch's AdamW defaults, so that both sides run the same update.
+    tx = optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    step = jax.jit(jax_dpo_fn(model, tx, args.dpo_beta), donate_argnums=0)
+    holder = {'state': init_train_state(jax.tree.map(jnp.copy, policy_params), tx)}
+    xs = (ref_params, dpo_prompts, jnp.asarray(chosen), jnp.asarray(rejected))
+    start = time.perf_counter()
+    c = step.lower(holder['state'], *xs).compile()
+    print(f'  (d) compile {time.perf_counter() - start:.1f}s')
+
+    def jax_step():
+      holder['state'], metrics = c(holder['state'], *xs)
+      jax.block_until_ready(holder['state'])
+    side.dpo_setup(np.concatenate([prompt_np[:n], chosen], 1).astype(np.int64),
+                   np.concatenate([prompt_np[:n], rejected], 1).astype(np.int64), p,
+                   args.dpo_beta, args.lr)
+    run('d', jax_step, side.dpo_step, n, dpo_flops(cfg, n, p + r), args.runs)
+
+  print()
+  print(f'| figure | pilaf_jax | PyTorch | ratio | jax % of peak | torch % of peak |')
+  print(f'|---|---|---|---|---|---|')
+  for fig, res in results.items():
+    print(f'| ({fig}) {res["name"]}, {res["unit"]} | {res["rate"]["jax"]:,.0f} | '
+          f'{res["rate"]["torch"]:,.0f} | {res["ratio"]:.2f} | '
+          f'{100 * res["peak_fraction"]["jax"]:.1f} | {100 * res["peak_fraction"]["torch"]:.1f} |')
+  print(f'peak = the higher measured fp32 matmul rate ({machine_peak / 1e9:,.0f} GFLOP/s; jax '
+        f'{peak["jax"] / 1e9:,.0f}, torch {peak["torch"] / 1e9:,.0f})')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(config=vars(args), peak=peak, results=results), f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
