@@ -175,7 +175,7 @@ def per_pair(lab):
     def run(params, extra, pairs_args):
       return jax.vmap(lambda *a: fn(lambda p: _pair_loss(ctx, p, *a), params, extra))(*pairs_args)
     return jax.jit(run)
-  return {'jvp': batched(lambda f, p, v: jax.jvp(f, (p,), (v,))[1]),
+  return {'jvp': batched(lambda f, p, v: theory.directional_derivative(f, p, v)),
           'grad': batched(lambda f, p, _: jax.grad(f)(p))}
 
 

@@ -206,6 +206,16 @@ def gram_fn(ctx: SamplerContext, tokens, mask) -> Callable:
   return gram
 
 
+def directional_derivative(f: Callable, primal, tangent):
+  """J_f(primal) @ tangent with reverse mode only: the transpose of f's (linear) VJP.
+
+  The model's matmul has a custom VJP (see model/llama.py), which forward mode (jax.jvp) cannot
+  differentiate; transposing the VJP gives the same product.
+  """
+  out, vjp_fn = jax.vjp(f, primal)
+  return jax.linear_transpose(vjp_fn, out)((tangent,))[0]
+
+
 def _flat(tree) -> jax.Array:
   return jnp.concatenate([x.reshape(-1) for x in jax.tree.leaves(tree)])
 
@@ -239,7 +249,7 @@ class ExactLab:
     self._mixture = jax.jit(lambda pp, rp, coef: token_mixture_logprobs(ctx, pp, rp, prompts, t, m, coef))
     self._j_and_grad = jax.jit(jax.value_and_grad(lambda p, ref_lp: objective(logp(p), ref_lp, rewards, beta)))
     self._loss_grad = jax.jit(jax.grad(lambda p, ref_lp, q: expected_dpo_loss(logp(p), ref_lp, rewards, q, beta)))
-    self._jvp = jax.jit(lambda p, tangent: jax.jvp(logp, (p,), (tangent,))[1])
+    self._jvp = jax.jit(lambda p, tangent: directional_derivative(logp, p, tangent))
     self._gram = gram_fn(ctx, t, m)
 
   def distributions(self, policy_params, ref_params, with_pilaf: bool = True) -> dict:
