@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from pilaf_jax.batches import PreferenceBatch

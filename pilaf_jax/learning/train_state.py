@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pilaf_jax.batches import SamplingCost
 
 
 @flax.struct.dataclass

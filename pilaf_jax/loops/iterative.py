@@ -12,7 +12,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pilaf_jax import checkpointing
 from pilaf_jax.batches import CostTotals, PreferenceBatch
