@@ -223,7 +223,7 @@ def test_kv_cache_specs():
   cfg = tiny_cfg()  # 2 kv heads.
   cache = pt.abstract_kv_cache(cfg, batch=8, slots=24)
   specs = pt.kv_cache_specs(cache, sizes(2, 2, 2))
-  assert specs.k[0] == P(('data', 'fsdp'), None, 'tensor', None) and specs.v[1] == specs.k[0]
+  assert specs.k[0] == P(('data', 'fsdp'), 'tensor', None, None) and specs.v[1] == specs.k[0]  # [B, Hkv, S, D]
   assert specs.valid == P(('data', 'fsdp'), None) and specs.index == P()
   specs = pt.kv_cache_specs(pt.abstract_kv_cache(cfg, batch=6, slots=24), sizes(2, 4, 4))
   assert specs.k[0] == P('data', None, None, None)  # 6 rows: not over 8, over data=2; 2 heads not over 4.
@@ -364,7 +364,7 @@ def test_sharded_adam_step_keeps_layout(devices8):
 
 
 def test_sharded_kv_cache_prefill(devices8):
-  assert devices8['cache']['k_spec'] == str(P(('data', 'fsdp'), None, 'tensor', None))
+  assert devices8['cache']['k_spec'] == str(P(('data', 'fsdp'), 'tensor', None, None))
   assert devices8['cache']['max_abs_diff'] < 1e-5
 
 

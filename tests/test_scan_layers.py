@@ -113,7 +113,7 @@ def test_partition_rules_and_cache_specs_handle_the_layer_axis():
   assert specs['embed_tokens']['embedding'] == P('tensor', 'fsdp')
   cache = jax.eval_shape(lambda: KVCache.zeros(SCAN, 4, 8))
   kv = kv_cache_specs(cache, {'data': 2, 'fsdp': 1, 'tensor': 2})
-  assert kv.k == P(None, ('data', 'fsdp'), None, 'tensor', None)
+  assert kv.k == P(None, ('data', 'fsdp'), 'tensor', None, None)  # [L, B, Hkv, S, D]
 
 
 def test_hf_checkpoint_round_trip_in_the_scanned_layout(params, tmp_path):

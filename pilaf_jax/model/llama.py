@@ -82,9 +82,10 @@ class LlamaConfig:
 class KVCache:
   """Keys/values of every layer for a fixed number of slots.
 
-  k, v: one [batch, slots, kv_heads, head_dim] array per layer (tuples, so each layer updates its own
-  buffer in place), or with cfg.scan_layers one [num_layers, batch, slots, kv_heads, head_dim] array
-  each. valid: [batch, slots], True where a slot holds a real (non-padding) token. index: the next
+  k, v: one [batch, kv_heads, slots, head_dim] array per layer (tuples, so each layer updates its own
+  buffer in place), or with cfg.scan_layers one [num_layers, batch, kv_heads, slots, head_dim] array
+  each. Head-major, the layout attention's batched matmuls read: a slot-major cache made XLA
+  transpose and copy every layer's whole cache at every decode step. valid: [batch, slots], True where a slot holds a real (non-padding) token. index: the next
   slot to write (shared by the batch; prompts are left-padded so that every row writes the same slot
   at the same step).
   """
@@ -95,7 +96,7 @@ class KVCache:
 
   @classmethod
   def zeros(cls, cfg: LlamaConfig, batch: int, slots: int) -> 'KVCache':
-    shape = (batch, slots, cfg.num_kv_heads, cfg.resolved_head_dim)
+    shape = (batch, cfg.num_kv_heads, slots, cfg.resolved_head_dim)
     if cfg.scan_layers:
       k = jnp.zeros((cfg.num_layers,) + shape, cfg.dtype)
       v = jnp.zeros((cfg.num_layers,) + shape, cfg.dtype)
@@ -231,14 +232,15 @@ class Attention(nn.Module):
     q = apply_rotary(q, positions, rope)
     k = apply_rotary(k, positions, rope)
 
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D], the cache's layout.
     if layer_kv is None:
       keys, values, new_kv = k, v, None
     elif layer is None:
-      keys = jax.lax.dynamic_update_slice(layer_kv[0], k.astype(layer_kv[0].dtype), (0, cache_index, 0, 0))
-      values = jax.lax.dynamic_update_slice(layer_kv[1], v.astype(layer_kv[1].dtype), (0, cache_index, 0, 0))
+      keys = jax.lax.dynamic_update_slice(layer_kv[0], k.astype(layer_kv[0].dtype), (0, 0, cache_index, 0))
+      values = jax.lax.dynamic_update_slice(layer_kv[1], v.astype(layer_kv[1].dtype), (0, 0, cache_index, 0))
       new_kv = (keys, values)
     else:
-      start = (layer, 0, cache_index, 0, 0)
+      start = (layer, 0, 0, cache_index, 0)
       all_k = jax.lax.dynamic_update_slice(layer_kv[0], k[None].astype(layer_kv[0].dtype), start)
       all_v = jax.lax.dynamic_update_slice(layer_kv[1], v[None].astype(layer_kv[1].dtype), start)
       keys = jax.lax.dynamic_index_in_dim(all_k, layer, 0, keepdims=False)
@@ -250,24 +252,24 @@ class Attention(nn.Module):
 
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, keys_valid: jax.Array,
            cache_index) -> jax.Array:
-  """Masked softmax attention, [B, T, H, D] queries over [B, S, Hkv, D] keys/values -> [B, T, H, D].
+  """Masked softmax attention, [B, T, H, D] queries over [B, Hkv, S, D] keys/values -> [B, T, H, D].
 
   Grouped-query heads are folded into the query axis, so both products are plain batched matmuls
   over (row, kv head): [B, Hkv, G*T, D] x [B, Hkv, S, D], a layout every XLA backend runs as one
   GEMM call per batch entry. Scores and the softmax are float32.
   """
   b, t, h, d = q.shape
-  s, kh = keys.shape[1], keys.shape[2]
+  kh, s = keys.shape[1], keys.shape[2]
   g = h // kh
   query_slot = cache_index + jnp.arange(t)
   causal = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
   mask = causal[None, :, :] & keys_valid[:, None, :]  # [B, T, S]
   qg = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
-  scores = jnp.einsum('bkqd,bskd->bkqs', qg, keys, preferred_element_type=jnp.float32)
+  scores = jnp.einsum('bkqd,bksd->bkqs', qg, keys, preferred_element_type=jnp.float32)
   scores = scores.reshape(b, kh, g, t, s) / jnp.sqrt(d).astype(jnp.float32)
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(b, kh, g * t, s)
-  out = jnp.einsum('bkqs,bskd->bkqd', probs, values)  # [B, Hkv, G*T, D]
+  out = jnp.einsum('bkqs,bksd->bkqd', probs, values)  # [B, Hkv, G*T, D]
   return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 

@@ -241,9 +241,9 @@ def _batch_entry(rows: int, sizes: dict[str, int]) -> Any:
 def kv_cache_specs(cache: KVCache, mesh: MeshLike) -> KVCache:
   """PartitionSpecs for a KVCache (of arrays or ShapeDtypeStructs), as a KVCache.
 
-  k, v [B, S, Hkv, D]: rows over ('data', 'fsdp') and kv heads over 'tensor' when they divide (the
+  k, v [B, Hkv, S, D]: rows over ('data', 'fsdp') and kv heads over 'tensor' when they divide (the
   attention einsums then need no communication); anything that does not divide stays replicated
-  along that dim. Scanned layers' stacked [L, B, S, Hkv, D] arrays: the same, the layer axis
+  along that dim. Scanned layers' stacked [L, B, Hkv, S, D] arrays: the same, the layer axis
   unsharded. valid [B, S] follows the rows; index is a replicated scalar.
   """
   sizes = axis_sizes(mesh)
@@ -252,7 +252,7 @@ def kv_cache_specs(cache: KVCache, mesh: MeshLike) -> KVCache:
   tensor = sizes.get('tensor', 1)
 
   def kv_spec(x):
-    spec = (batch, None, 'tensor' if x.shape[-2] % tensor == 0 else None, None)
+    spec = (batch, 'tensor' if x.shape[-3] % tensor == 0 else None, None, None)
     return P(*((None,) * (len(x.shape) - 4) + spec))
 
   if isinstance(cache.k, (tuple, list)):
