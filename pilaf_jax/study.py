@@ -6,6 +6,7 @@ a report with statistics over seeds.
       [--sweep=dpo.batch_size=32,64 ...] [--protocol=iterative_branch]
   python -m pilaf_jax.study report --workdir=studies/online [--threshold_fraction=0.9]
   python -m pilaf_jax.study status --workdir=studies/online
+  python -m pilaf_jax.study compare --workdirs=studies/a,studies/b --out=docs/x.md  # one table across studies
 
 Every run is a subprocess `python -m pilaf_jax.main` with its own workdir under <workdir>/runs/, so a
 crash or a kill of one run loses nothing of the others. Running the same study command again (or just
@@ -435,9 +436,32 @@ def _parser(command: str) -> argparse.ArgumentParser:
   return p
 
 
+def _compare(argv: list[str]) -> int:
+  """python -m pilaf_jax.study compare --workdirs=a,b,... --out=<file.md>: one table across studies."""
+  p = argparse.ArgumentParser(prog='python -m pilaf_jax.study compare')
+  p.add_argument('--workdirs', required=True, help='Comma-separated study directories.')
+  p.add_argument('--out', required=True, help='The markdown file to write (a forest plot goes beside it).')
+  p.add_argument('--baseline', default='vanilla')
+  p.add_argument('--threshold_fraction', type=float, default=0.9)
+  p.add_argument('--no_plots', action='store_true')
+  args = p.parse_args(argv)
+  from pilaf_jax.analysis.report import compare_studies
+  try:
+    path = compare_studies([os.path.abspath(w) for w in args.workdirs.split(',') if w], args.out,
+                           baseline=args.baseline, threshold_fraction=args.threshold_fraction,
+                           plots=not args.no_plots)
+  except ValueError as e:  # A StudyError, whichever module object raised it (this file runs as __main__).
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'Wrote {path}')
+  return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  command = argv.pop(0) if argv and argv[0] in ('run', 'report', 'status') else 'run'
+  command = argv.pop(0) if argv and argv[0] in ('run', 'report', 'status', 'compare') else 'run'
+  if command == 'compare':
+    return _compare(argv)
   parser = _parser(command)
   args, rest = parser.parse_known_args(argv)
   overrides = [a for a in rest if a.startswith('--config.')]

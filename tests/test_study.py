@@ -166,3 +166,39 @@ def test_statistics():
   assert b.lo < 2.5 < b.hi
   r = stats.paired_bootstrap_ratio({0: 2.0, 1: 4.0}, {0: 4.0, 1: 8.0})
   assert abs(r.estimate - 0.5) < 1e-12 and abs(r.lo - 0.5) < 1e-12
+
+
+def _fake_study(root, overrides, j_of):
+  """A finished study written by hand: j_of(sampler, seed) is every run's final J."""
+  spec = {'config': 'c.py', 'config_path': __file__, 'overrides': overrides, 'sweeps': {},
+          'protocol': 'independent', 'samplers': ['vanilla', 'pilaf'], 'seeds': [0, 1, 2, 3]}
+  study.write_spec(spec, str(root))
+  config = {'loop': 'online', 'online': {'steps': 2}, 'beta': 0.1}
+  for run in study.plan(spec, str(root)):
+    os.makedirs(os.path.join(run.workdir, 'checkpoints', '2'))
+    with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+      json.dump({'config': config}, f)
+    j = j_of(run.sampler, run.seed)
+    with open(os.path.join(run.workdir, 'metrics.jsonl'), 'w') as f:
+      for step, value in ((0, 0.0), (2, j)):
+        f.write(json.dumps({'step': step, 'labels_used': 64 * step, 'J': value, 'reward': value + 1.0,
+                            'kl': 10.0}) + '\n')
+  return str(root)
+
+
+def test_compare_tabulates_paired_differences_across_studies(tmp_path):
+  from pilaf_jax.analysis.report import compare_studies
+  noise = [0.1, -0.2, 0.05, 0.3]
+  a = _fake_study(tmp_path / 'a', ['--config.online.steps=2', '--config.beta=0.5'],
+                  lambda s, k: 1.0 + noise[k] + (0.2 if s == 'pilaf' else 0.0))
+  b = _fake_study(tmp_path / 'b', ['--config.online.steps=2'],
+                  lambda s, k: 1.0 + noise[k] - (0.1 * k if s == 'pilaf' else 0.0))
+  out = compare_studies([a, b], str(tmp_path / 'cmp' / 'regimes.md'), plots=False)
+  text = open(out).read()
+  rows = [line for line in text.splitlines() if line.startswith('| a') or line.startswith('| b')]
+  assert len(rows) == 2
+  assert '`beta=0.5`' in rows[0] and '| 0.200 [0.200, 0.200] |' in rows[0] and '| 4/4 |' in rows[0]
+  # b: differences 0, -0.1, -0.2, -0.3: mean -0.15, t-interval half width 3.182 * 0.129 / 2.
+  assert '| -0.150 [-0.355, 0.055] |' in rows[1] and '| 0/4 |' in rows[1]
+  assert 'online.steps=2' in text.split('|')[0]  # Common overrides are named once, above the table.
+  assert study.main(['compare', f'--workdirs={a},{tmp_path / "nope"}', f'--out={tmp_path / "x.md"}']) == 2

@@ -223,3 +223,81 @@ def write_report(workdir: str, *, threshold_fraction: float = 0.9, threshold: Op
   return path
 
 
+
+
+def _label_ratio(by: dict, sampler: str, baseline: str, threshold_fraction: float) -> str:
+  """Labels the sampler needs to reach the baseline-derived J threshold, relative to the baseline."""
+  runs = [r for s in (sampler, baseline) for r in by[s]]
+  j0 = float(np.mean([r['rows'][0]['J'] for r in runs]))
+  target = j0 + threshold_fraction * (np.mean([_final(r, 'J') for r in by[baseline]]) - j0)
+  reach = {s: {r['seed']: stats.labels_to_reach([row['labels_used'] for row in r['rows']],
+                                                [row['J'] for row in r['rows']], target) for r in by[s]}
+           for s in (sampler, baseline)}
+  return stats.paired_bootstrap_ratio(reach[sampler], reach[baseline]).format(2)
+
+
+def compare_studies(workdirs: list[str], out: str, *, baseline: str = 'vanilla',
+                    threshold_fraction: float = 0.9, plots: bool = True) -> str:
+  """One table across studies (e.g. one study per regime): for every setting and sampler, the paired
+  differences against the baseline at the final evaluation (reward, KL, J, with 95% t-intervals), the
+  seeds where the sampler's J was higher, and the label ratio to reach the baseline's J threshold.
+  Writes `out` (markdown) and, with plots, a forest plot of the J differences beside it."""
+  specs = {w: study_lib.load_spec(w) for w in workdirs}
+  missing = [w for w, s in specs.items() if s is None]
+  if missing:
+    raise study_lib.StudyError(f'not study directories (no {study_lib.STUDY_FILE}): {", ".join(missing)}')
+  common = set.intersection(*(set(s['overrides']) for s in specs.values()))
+  rows, forest = [], []
+  lines = [f'# Sampler differences across studies (against {baseline})', '',
+           f'Paired by seed at the final evaluation; mean [95% t-interval]. Overrides common to every '
+           f'study: `{" ".join(sorted(common)) or "(none)"}`. Label ratio: labels to reach '
+           f'J0 + {threshold_fraction:g} x ({baseline}\'s final J gain), sampler / {baseline}, paired '
+           'bootstrap over seeds (< 1: fewer labels).', '',
+           f'| study | setting | method | n | {baseline} J | ΔJ | Δreward | ΔKL | seeds with higher J '
+           '| label ratio |', '|---|---|---|---|---|---|---|---|---|---|']
+  for w, spec in specs.items():
+    name = os.path.basename(os.path.normpath(w))
+    _, runs = load_runs(w)
+    for setting, _ in study_lib.settings(spec):
+      done = [r for r in runs if r['setting'] == setting and r['state'] == 'done'
+              and r['sampler'] != 'branch' and r['rows']]
+      by = {s: [r for r in done if r['sampler'] == s] for s in spec['samplers']}
+      if not by.get(baseline):
+        continue
+      base = {k: {r['seed']: _final(r, k) for r in by[baseline]} for k in ('reward', 'kl', 'J')}
+      base_j = stats.t_interval(list(base['J'].values())).format()
+      for s in spec['samplers']:
+        if s == baseline or not by.get(s):
+          continue
+        diffs = {k: stats.paired_difference({r['seed']: _final(r, k) for r in by[s]}, base[k])
+                 for k in ('reward', 'kl', 'J')}
+        j, wins = diffs['J']
+        overrides = ' '.join(o.replace('--config.', '') for o in spec['overrides'] if o not in common)
+        label = f'{name}' + (f' (`{overrides}`)' if overrides else '')
+        lines.append(f'| {label} | {setting} | {s} | {j.n} | {base_j} | {j.format()} | '
+                     f'{diffs["reward"][0].format()} | {diffs["kl"][0].format()} | {wins}/{j.n} | '
+                     f'{_label_ratio(by, s, baseline, threshold_fraction)} |')
+        forest.append((f'{name}/{setting}/{s}' if setting != 'base' else f'{name}/{s}', j))
+  lines.append('')
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  if plots and forest:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(forest) + 1.2))
+    for i, (label, j) in enumerate(reversed(forest)):
+      ax.errorbar([j.estimate], [i], xerr=[[j.estimate - j.lo], [j.hi - j.estimate]], fmt='o', color='C0',
+                  capsize=3)
+    ax.axvline(0.0, color='0.5', lw=1, ls='--')
+    ax.set_yticks(range(len(forest)))
+    ax.set_yticklabels([label for label, _ in reversed(forest)], fontsize=8)
+    ax.set_xlabel(f'J(sampler) - J({baseline}), paired by seed; 95% t-interval')
+    ax.grid(alpha=0.3, axis='x')
+    fig.tight_layout()
+    plot = os.path.splitext(out)[0] + '_forest.png'
+    fig.savefig(plot, dpi=120)
+    plt.close(fig)
+    lines += [f'![J differences]({os.path.basename(plot)})', '']
+  with open(out, 'w') as f:
+    f.write('\n'.join(lines))
+  return out
