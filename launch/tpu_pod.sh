@@ -20,7 +20,10 @@
 #     package needs). SETUP replaces that whole install command.
 #   DRY_RUN [0]: 1 prints the commands instead of running them.
 #
-# Checkpoints, logs and metrics go to WORKDIR, which must be a bucket every host can write.
+# Checkpoints, logs and metrics go to WORKDIR, which must be a bucket every host can write (gcsfs, from
+# the package's [gcs] extra). The label store (SQLite) stays on host 0's disk, under PILAF_LOCAL_DIR
+# [~/.cache/pilaf_jax] or at --config.labelling.store_path, and is copied to WORKDIR/labels.sqlite at
+# every checkpoint; a new slice resumes from that copy (see launch/README.md for what a lost VM costs).
 set -euo pipefail
 
 TPU_NAME="${TPU_NAME:-pilaf-pod}"
@@ -38,7 +41,7 @@ JAX_VERSION="${JAX_VERSION:-0.10.2}"
 VENV="${VENV:-~/pilaf_venv}"
 SETUP="${SETUP:-python3 -m pip install -q --user uv && python3 -m uv venv -q --allow-existing \
 --python ${PYTHON_VERSION} ${VENV} && python3 -m uv pip install -q --python ${VENV}/bin/python \
-'jax[tpu]==${JAX_VERSION}' -e . && . ${VENV}/bin/activate}"
+'jax[tpu]==${JAX_VERSION}' -e '.[gcs]' && . ${VENV}/bin/activate}"
 DRY_RUN="${DRY_RUN:-0}"
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

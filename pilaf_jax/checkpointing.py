@@ -3,17 +3,20 @@
 A checkpoint holds `state` (a pytree: the TrainState and the cumulative cost counters) and `meta`
 (JSON: the loop position, e.g. {'step': 120} or {'iteration': 2, 'phase': 'training', ...}, and the
 config fingerprint). Restoring tries the newest checkpoint first and falls back to older ones when
-one is corrupt or partial, saying so.
+one is corrupt or partial, saying so. The directory may be local or on an object store (gs://...):
+orbax writes both through etils.epath and tensorstore (on GCS a checkpoint counts once its
+commit_success.txt exists, as there is no atomic rename).
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from pilaf_jax import paths
 
 
 class Checkpointer:
@@ -21,11 +24,11 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int, every_steps: int, every_seconds: float,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = str(paths.as_path(directory))  # Absolute when local; a URL as it is.
     self.every_steps, self.every_seconds = every_steps, every_seconds
     self._last_save_time = time.monotonic()
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        paths.as_path(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save,
                                              cleanup_tmp_directories=True))
@@ -79,7 +82,7 @@ class Checkpointer:
 
 def read_latest_meta(directory: str) -> Optional[tuple[int, dict]]:
   """(step, meta) of the newest checkpoint in directory, without restoring arrays."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory),
+  manager = ocp.CheckpointManager(paths.as_path(directory),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   for step in sorted(manager.all_steps(), reverse=True):
     try:

@@ -102,7 +102,12 @@ def run(config, workdir: str) -> int:
     from pilaf_jax import experiment
     from pilaf_jax.loops.common import Timer, format_table
     timer = Timer()
-    os.makedirs(workdir, exist_ok=True)
+    from pilaf_jax import paths
+    try:
+      paths.check_remote(workdir)  # A gs:// workdir: gcsfs installed, bucket reachable.
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    paths.makedirs(workdir)  # A local directory, or a gs:// URL (see pilaf_jax/paths.py).
     experiment.check_workdir(config, workdir)
     exp = experiment.Experiment(config, workdir)  # Opens (and checks) the label store.
     experiment.write_workdir(config, workdir)  # Only once everything agreed with the workdir.
@@ -128,11 +133,11 @@ def run(config, workdir: str) -> int:
     exp.close()
 
   if counts is not None:  # Process 0 holds the label store and writes the metrics.
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+    metrics = paths.join(workdir, 'metrics.jsonl')
+    rows = [json.loads(line) for line in paths.read_text(metrics).splitlines() if line.strip()]
     print('\n' + format_table(rows))
     print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '
-          f'Wall time {timer.elapsed():.0f} s. Metrics: {os.path.join(workdir, "metrics.jsonl")}')
+          f'Wall time {timer.elapsed():.0f} s. Metrics: {metrics}')
     print(time_split, flush=True)
   return 0
 

@@ -1,11 +1,21 @@
-"""metrics.jsonl (one JSON object per evaluation) and TensorBoard events, from process 0 only."""
+"""metrics.jsonl (one JSON object per evaluation) and TensorBoard events, from process 0 only.
+
+The workdir may be on an object store, which cannot append: the writer keeps every row in memory and
+rewrites metrics.jsonl whole at each evaluation (paths.write_text_atomic: one object upload, or a
+temporary file renamed locally). A SIGKILL therefore leaves the previous complete file or the new
+one, never a torn line; rows are small (~1 KB) and evaluations rare, so rewriting costs nothing that
+matters. TensorBoard events go to a local directory (tensorboardX writes gs:// only through its own
+Google Cloud client); for a remote workdir they are mirrored to <workdir>/tensorboard at every
+checkpoint (Experiment.save_checkpoint) and when the writer closes.
+"""
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
 import jax
+
+from pilaf_jax import paths
 
 
 class MetricsWriter:
@@ -14,33 +24,33 @@ class MetricsWriter:
     """resume_step: rows written after this step by an interrupted run are dropped (they will be
     recomputed), so a resumed run's file equals an uninterrupted run's."""
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = paths.join(workdir, 'metrics.jsonl')
     self._tb = None
+    self._rows: list[str] = []
+    self._tb_local, self._tb_remote = paths.tensorboard_dirs(workdir)
+    self._tb_uploaded: dict = {}
     if not self.enabled:
       return
-    if os.path.exists(self.path):
-      keep = []
-      with open(self.path) as f:
-        for line in f:
-          try:
-            row = json.loads(line)
-          except json.JSONDecodeError:
-            continue  # A line torn by a crash.
-          if resume_step is not None and row.get(step_key, 0) <= resume_step:
-            keep.append(line if line.endswith('\n') else line + '\n')
-      with open(self.path + '.tmp', 'w') as f:
-        f.writelines(keep)
-      os.replace(self.path + '.tmp', self.path)
+    if paths.exists(self.path):
+      for line in paths.read_text(self.path).splitlines():
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # A line torn by a crash (files written by appending, before this writer).
+        if resume_step is not None and row.get(step_key, 0) <= resume_step:
+          self._rows.append(json.dumps(row))
+      self._flush_rows()
     from tensorboardX import SummaryWriter  # Pure Python; no TensorFlow needed.
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb = SummaryWriter(self._tb_local)
+
+  def _flush_rows(self) -> None:
+    paths.write_text_atomic(self.path, ''.join(r + '\n' for r in self._rows))
 
   def write(self, row: dict, tb_step: int) -> None:
     if not self.enabled:
       return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
+    self._rows.append(json.dumps(row))
+    self._flush_rows()
     for key, value in row.items():
       if isinstance(value, (int, float)) and not isinstance(value, bool):
         self._tb.add_scalar(key, value, tb_step)
@@ -54,3 +64,5 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      if self._tb_remote is not None:
+        paths.mirror_dir(self._tb_local, self._tb_remote, self._tb_uploaded)

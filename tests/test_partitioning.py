@@ -440,7 +440,7 @@ def test_tpu_pod_dry_run():
   lines = proc.stdout.splitlines()
   assert lines[0] == '+ gcloud compute tpus tpu-vm create t1 --zone=z1 --accelerator-type=v5p-64 --version=v2-alpha-tpuv5'
   run = next(line for line in lines if 'pilaf_jax.main' in line)
-  assert '--worker=all' in run and 'pip install' in run and '-e .' in run
+  assert '--worker=all' in run and 'pip install' in run and " -e '\\''.[gcs]'\\''" in run  # gcsfs: gs:// workdirs
   assert 'python -m pilaf_jax.main --config=configs/llama3_8b_tpu_pod.py --workdir=gs://bucket/run --config.seed=3' in run
   assert lines[-1] == '+ gcloud compute tpus tpu-vm delete t1 --zone=z1 --quiet'
   missing = subprocess.run(['bash', str(REPO / 'launch' / 'tpu_pod.sh'), 'run'],

@@ -5,29 +5,37 @@ r"""Writes a run's trained policy as a Hugging Face checkpoint that transformers
 Reads the run's resolved config (config.json) and its newest checkpoint (or --step), and writes
 config.json, generation_config.json, model.safetensors and the tokenizer of the run's model
 (copied from a Hugging Face checkpoint directory, or rebuilt from a .gguf file). Reads the run only.
+--workdir and --out may be gs:// URLs (a remote --out is written locally first, then uploaded).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import tempfile
 
 from absl import app, flags
 
 
 def export_policy(workdir: str, out: str, step: int = -1, dtype: str = '') -> int:
   """Exports; returns the step written. Raises ValueError with a one-line message on bad input."""
+  from pilaf_jax import paths
+  if paths.is_remote(out):
+    with tempfile.TemporaryDirectory(prefix='export_policy_') as local:
+      step = export_policy(workdir, local, step, dtype)
+      paths.copy_tree(local, out)
+    return step
   import ml_collections
   import orbax.checkpoint as ocp
   from pilaf_jax.model.checkpoints import read_checkpoint_config, resolve_path
   from pilaf_jax.model.hf import save_hf_checkpoint
   from pilaf_jax.model.llama import LlamaConfig
 
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'config.json')
+  if not paths.exists(path):
     raise ValueError(f'{path} does not exist; pass --workdir=<a run directory>.')
-  config = ml_collections.ConfigDict(json.load(open(path))['config'])
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+  config = ml_collections.ConfigDict(json.loads(paths.read_text(path))['config'])
+  manager = ocp.CheckpointManager(paths.as_path(paths.join(workdir, 'checkpoints')),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(manager.all_steps())
   if not steps or (step >= 0 and step not in steps):
