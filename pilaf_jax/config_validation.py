@@ -8,11 +8,16 @@ import ml_collections
 
 LOOPS = ('online', 'iterative')
 ROPE_SCALINGS = ('', 'llama3')
-ORACLE_REWARDS = ('task', 'reward_model', 'judge')
+ORACLE_REWARDS = ('task', 'reward_model', 'judge', 'human')
+LABELLING_WORKERS = ('inline', 'external')
 CHAT_DATASETS = ('hh_rlhf', 'jsonl')
 # Fields that change how a run is executed or shown, not what it computes: they may differ when a
 # run is resumed. Everything else must match the workdir's saved config.
 EXECUTION_FIELDS = ('runtime', 'checkpoint', 'mesh', 'distributed')
+# Single fields of that kind in sections that otherwise determine the run: where the label store lives
+# differs between machines (a gs:// workdir resumed on another VM); who answers function-oracle queries
+# and how often the queue is polled do not change any label.
+EXECUTION_FIELD_NAMES = ('labelling.store_path', 'labelling.worker', 'labelling.poll_seconds')
 
 
 class ConfigError(ValueError):
@@ -62,8 +67,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
              '(PAD, BOS, EOS and at least one content token).')
     _require(c.model.vocab_size == c.task.vocab_size,
              f'model.vocab_size={c.model.vocab_size} must equal task.vocab_size={c.task.vocab_size}.')
-    _require(c.oracle.reward == 'task', f"oracle.reward={c.oracle.reward!r}: the synthetic task's oracle "
-             "is its hidden reward; use oracle.reward='task' (reward models and judges read text).")
+    _require(c.oracle.reward in ('task', 'human'), f"oracle.reward={c.oracle.reward!r}: the synthetic "
+             "task's oracle is its hidden reward; use oracle.reward='task', or 'human' for people "
+             '(reward models and judges read text).')
     _require(not c.model.checkpoint, f'model.checkpoint={c.model.checkpoint!r}: the synthetic task '
              "trains its own reference; pretrained checkpoints need task.name='chat'.")
   else:  # chat
@@ -75,6 +81,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f'{c.task.dataset or "prompt"} files.')
     _require(c.task.overlong_prompts in ('truncate', 'error'),
              f"task.overlong_prompts={c.task.overlong_prompts!r}; allowed: 'truncate', 'error'.")
+    _require(c.oracle.reward != 'human', "oracle.reward='human' is not available for task.name='chat' yet: "
+             "its evaluation scores responses with the oracle, so it needs 'reward_model' or 'judge'.")
     _require(c.oracle.reward in ('reward_model', 'judge'),
              f"oracle.reward={c.oracle.reward!r}: a chat task needs 'reward_model' or 'judge' "
              '(with oracle.checkpoint).')
@@ -94,6 +102,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'iterative.prompts_per_iteration={c.iterative.prompts_per_iteration} must be divisible by '
            f'dpo.batch_size={c.dpo.batch_size}.')
   _require(c.dpo.learning_rate > 0, f'dpo.learning_rate={c.dpo.learning_rate} must be > 0.')
+  _validate_labelling(c)
+  store = c.labelling.store_path
+  _require(isinstance(store, str) and '://' not in store,
+           f'labelling.store_path={store!r} must be a local file path (SQLite needs a POSIX file; a copy '
+           "goes to the workdir at every checkpoint), or '' for the default.")
+  _require(not store or not store.endswith(('/', '\\')),
+           f'labelling.store_path={store!r} names a directory; name the file, e.g. {store}labels.sqlite.')
+
+
+def _validate_labelling(c: ml_collections.ConfigDict) -> None:
+  lab = c.labelling
+  _require(isinstance(lab.max_staleness, int) and lab.max_staleness >= 0,
+           f'labelling.max_staleness={lab.max_staleness!r} must be an integer >= 0 (0 = synchronous).')
+  _require(lab.max_staleness == 0 or c.loop == 'online',
+           f'labelling.max_staleness={lab.max_staleness} applies to the online loop; iterative DPO labels a '
+           'whole iteration before training on it (use 0).')
+  _require(isinstance(lab.answers_per_query, int) and lab.answers_per_query >= 1,
+           f'labelling.answers_per_query={lab.answers_per_query!r} must be an integer >= 1.')
+  _require(lab.answers_per_query == 1 or c.oracle.reward == 'human',
+           f'labelling.answers_per_query={lab.answers_per_query}: a function oracle '
+           f'(oracle.reward={c.oracle.reward!r}) answers each query once; k > 1 needs '
+           "oracle.reward='human'.")
+  _require(isinstance(lab.allow_ties, bool), f'labelling.allow_ties={lab.allow_ties!r} must be True or False.')
+  _require(lab.worker in LABELLING_WORKERS,
+           f'labelling.worker={lab.worker!r} is unknown; allowed: {list(LABELLING_WORKERS)}.')
+  _require(isinstance(lab.poll_seconds, (int, float)) and lab.poll_seconds > 0,
+           f'labelling.poll_seconds={lab.poll_seconds!r} must be > 0.')
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -109,7 +144,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
         flat[name] = value
 
   walk('', config.to_dict())
-  return {k: v for k, v in flat.items() if k.split('.')[0] not in EXECUTION_FIELDS}
+  return {k: v for k, v in flat.items()
+          if k.split('.')[0] not in EXECUTION_FIELDS and k not in EXECUTION_FIELD_NAMES}
 
 
 def differing_fields(saved: dict, current: dict) -> list[str]:

@@ -65,13 +65,33 @@ def get_config() -> ml_collections.ConfigDict:
       name='bradley_terry',  # bradley_terry (sampled labels) | deterministic (higher reward wins)
       # Where r*(x, y) comes from: 'task' (the synthetic world's hidden reward), 'reward_model' (a
       # sequence-classification checkpoint) or 'judge' (a chat model asked whether a response is good:
-      # reward = logit(Yes) - logit(No)). The last two read text, with their own tokenizer.
+      # reward = logit(Yes) - logit(No)). The last two read text, with their own tokenizer. 'human':
+      # no function oracle, people answer the labelling queue (synthetic task: its hidden reward is
+      # still stored beside each pair, for agreement reports, and never used as a label).
       reward='task',
       checkpoint='',  # reward_model / judge: HF directory, .gguf file or package:<pkg>/<file>.
       tokenizer='',  # '' = the oracle checkpoint's own.
       max_len=512,  # Tokens of (conversation + response) the oracle reads; longer ones keep the end.
       reward_scale=1.0,  # r* = reward_scale * score (Bradley-Terry labels depend on the scale).
       dtype='float32',  # The oracle model's params and activations (bfloat16 for large reward models).
+  ))
+
+  c.labelling = ml_collections.ConfigDict(dict(
+      # The SQLite label store: a local file ('' = <workdir>/labels.sqlite for a local workdir; for a
+      # gs:// workdir, $PILAF_LOCAL_DIR or ~/.cache/pilaf_jax, under workdirs/<the workdir's name>/).
+      # Where it lives is not part of what the run computes: it may change between resumes.
+      store_path='',
+      # The labelling queue (pilaf_jax/labelling/queue.py): sampled pairs wait there as queries until
+      # an oracle answers them. Online DPO may train at step t on a batch sampled at step >= t -
+      # max_staleness, keeping up to max_staleness batches enqueued ahead (0: synchronous).
+      max_staleness=0,
+      answers_per_query=1,  # k: answers (other than 'skip') that resolve a query, by majority.
+      allow_ties=False,  # Whether people may answer 'tie' (a drawn vote is settled by a fair coin).
+      # Who answers function-oracle queries: 'inline' (the loop itself) or 'external' (a separate
+      # `python -m pilaf_jax.labelling.worker --workdir=<workdir>`). How the run executes, not what
+      # it computes: it may change between resumes, as may poll_seconds.
+      worker='inline',
+      poll_seconds=0.2,  # How often a waiting loop (or worker) looks at the queue.
   ))
 
   c.dpo = ml_collections.ConfigDict(dict(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import platform
 import time
 from typing import Callable, Optional
@@ -20,12 +19,14 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pilaf_jax import checkpointing, config_validation
+from pilaf_jax import checkpointing, config_validation, paths
 from pilaf_jax.batches import PairBatch, PreferenceBatch, PromptBatch
 from pilaf_jax.config_validation import ConfigError
 from pilaf_jax.evaluation import Evaluator
-from pilaf_jax.labelling.label_store import LabelStore
-from pilaf_jax.labelling.oracles import make_label_rule
+from pilaf_jax.labelling.label_store import LabelStore, empty_preference_batch
+from pilaf_jax.labelling.queue import LabelQueue, QueueSettingsMismatch
+from pilaf_jax.labelling.worker import FunctionOracle
+from pilaf_jax.labelling.store_sync import StoreCopy
 from pilaf_jax.learning.dpo import dpo_step
 from pilaf_jax.learning.sft import train_reference
 from pilaf_jax.learning.train_state import RunState, TrainState, init_train_state, make_optimizer
@@ -41,6 +42,7 @@ from pilaf_jax.tasks import REFERENCE_CHECKPOINT, TRAIN, EVAL, make_task
 
 # Stream ids for jax.random.fold_in(run_key, id).
 SFT_STREAM, INIT_STREAM, PROMPT_STREAM, SAMPLE_STREAM, ORACLE_STREAM, EVAL_STREAM, SHUFFLE_STREAM = range(7)
+PROGRESS_SECONDS = 5.0  # A loop waiting for labels says so at most this often.
 
 
 def versions() -> dict:
@@ -59,11 +61,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   A field the saved config lacks (added to the code since) matches when it has its default value.
   """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'config.json')
+  if not paths.exists(path):
     return
-  with open(path) as f:
-    saved = json.load(f).get('fingerprint', {})
+  saved = json.loads(paths.read_text(path)).get('fingerprint', {})
   from pilaf_jax import default_config
   defaults = config_validation.fingerprint(default_config.get_config())
   current = {k: v for k, v in config_validation.fingerprint(config).items()
@@ -78,18 +79,15 @@ def write_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """config.json (resolved config and fingerprint) and versions.json, from process 0."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, 'config.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump({'config': config.to_dict(), 'fingerprint': config_validation.fingerprint(config)}, f,
-              indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
-  with open(os.path.join(workdir, 'versions.json'), 'w') as f:
-    json.dump(versions(), f, indent=2)
+  paths.write_text_atomic(paths.join(workdir, 'config.json'), json.dumps(
+      {'config': config.to_dict(), 'fingerprint': config_validation.fingerprint(config)},
+      indent=2, sort_keys=True))
+  paths.write_text_atomic(paths.join(workdir, 'versions.json'), json.dumps(versions(), indent=2))
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """check_workdir, then write_workdir (for callers that build no Experiment in between)."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   check_workdir(config, workdir)
   write_workdir(config, workdir)
 
@@ -154,11 +152,10 @@ class Experiment:
     self.sampler(c.sampler.name)  # Validate before any work starts.
     if c.loop == 'iterative' and c.iterative.first_iteration_sampler:
       self.sampler(c.iterative.first_iteration_sampler)
-    try:
-      label_rule = make_label_rule(c.oracle.name)
+    try:  # The labelling rule over the oracle's rewards (None when people label).
+      self.function_oracle = FunctionOracle.from_config(c)
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    self.label_rule = jax.jit(lambda rewards, index: label_rule(rewards, self._key(ORACLE_STREAM, index)))
 
     self.tx = make_optimizer(c.dpo.learning_rate, c.dpo.warmup_steps, c.dpo.weight_decay,
                              c.dpo.max_grad_norm)
@@ -174,12 +171,29 @@ class Experiment:
         eval_ctx, self.task, lambda i: self.prompts(i, c.eval.batch_size, EVAL),
         jax.random.fold_in(self.run_key, EVAL_STREAM), c.eval.num_prompts // c.eval.batch_size, c.beta,
         placement)
-    # Labels are written by process 0 alone; the others receive what it reads.
-    self.store = (LabelStore(os.path.join(self.workdir, 'labels.sqlite'), config_validation.fingerprint(c))
-                  if is_main_process() else None)
+    # Labels are written by process 0 alone; the others receive what it reads. SQLite needs a local
+    # file: the store lives at labelling.store_path (default: in a local workdir, or on this machine's
+    # disk for a gs:// workdir) and is copied to <workdir>/labels.sqlite at every checkpoint.
+    self.store, self.store_copy, self.store_path = None, None, None
+    self.queue, self._fresh, self._asking_step = None, {}, 0  # See enqueue_batch / resolved_batch.
+    if is_main_process():
+      self.store_path = paths.label_store_path(self.workdir, c.labelling.store_path)
+      self.store_copy = StoreCopy(self.store_path, self.workdir)
+      self.store_copy.restore(print)  # A VM that resumes another VM's run starts from the copy.
+      from pilaf_jax import default_config
+      self.store = LabelStore(self.store_path, config_validation.fingerprint(c),
+                              defaults=config_validation.fingerprint(default_config.get_config()))
+      try:  # The labelling queue lives in the store's file.
+        self.queue = LabelQueue(self.store_path, answers_per_query=c.labelling.answers_per_query,
+                                allow_ties=c.labelling.allow_ties)
+      except QueueSettingsMismatch as e:
+        raise ConfigError(str(e)) from None
+    # TensorBoard events of a remote workdir are staged locally and mirrored at each checkpoint.
+    self._tensorboard_dirs = paths.tensorboard_dirs(self.workdir)
+    self._tensorboard_uploaded: dict = {}
     ck = c.checkpoint
     self.checkpointer = checkpointing.Checkpointer(
-        os.path.join(self.workdir, 'checkpoints'), max_to_keep=ck.max_to_keep,
+        paths.join(self.workdir, 'checkpoints'), max_to_keep=ck.max_to_keep,
         every_steps=ck.every_steps, every_seconds=ck.every_seconds, async_save=ck.async_save)
 
   def evaluate(self, policy_params, ref_params) -> dict:
@@ -218,13 +232,12 @@ class Experiment:
       params = load_params(spec, self.model.cfg, self.placement.params, field)
       log(f'Reference policy loaded from {spec} in {time.time() - start:.1f} s.')
       return params
-    directory = c.sft.init_checkpoint or os.path.join(self.workdir, 'reference')
-    directory = os.path.abspath(directory)
+    directory = paths.as_path(c.sft.init_checkpoint or paths.join(self.workdir, 'reference'))
     target = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           self.placement.abstract_params, self.placement.params)
-    if os.path.exists(os.path.join(directory, 'params')):
+    if paths.exists(directory / 'params'):
       try:
-        params = ocp.StandardCheckpointer().restore(os.path.join(directory, 'params'), target)
+        params = ocp.StandardCheckpointer().restore(directory / 'params', target)
         log(f'Reference policy loaded from {directory}.')
         return params
       except Exception as e:  # pylint: disable=broad-except
@@ -238,7 +251,7 @@ class Experiment:
     params = train_reference(self.task, self.model, self.placement, c.sft,
                              lambda stream, i: self._key(stream, i), log)
     checkpointer = ocp.StandardCheckpointer()  # Every process calls save; orbax coordinates.
-    checkpointer.save(os.path.join(directory, 'params'), params, force=True)
+    checkpointer.save(directory / 'params', params, force=True)
     checkpointer.wait_until_finished()
     return params
 
@@ -260,34 +273,112 @@ class Experiment:
     responses, mask = np.asarray(pairs.responses), np.asarray(pairs.response_mask)
     return np.stack([self.task.rewards(TRAIN, pairs.prompts, responses[:, i], mask[:, i]) for i in (0, 1)], 1)
 
-  def labelled_batch(self, batch_key: str, index: int, step: int, sampler_name: str, policy_params,
-                     ref_params, n: int) -> tuple[PreferenceBatch, bool]:
-    """The labelled batch `batch_key`: from the store when it was already paid for, else sampled,
-    labelled and committed to the store before it is returned. Returns (batch, was_stored)."""
+  def _queries(self, pairs: PairBatch, rewards: Optional[np.ndarray]) -> list[dict]:
+    """A sampled batch's queries for the labelling queue: texts, sources, the oracle's rewards."""
+    ids, source = np.asarray(pairs.prompts.ids), np.asarray(pairs.source)
+    responses, mask = np.asarray(pairs.responses), np.asarray(pairs.response_mask)
+    many = getattr(self.task, 'describe_many', None)  # Optional: one call for the whole batch.
+    texts = many(TRAIN, ids) if many else [self.task.describe(TRAIN, int(i)) for i in ids]
+    return [dict(row=i, prompt_id=int(ids[i]), prompt_text=texts[i],
+                 response_a_text=self.task.render_response(responses[i, 0], mask[i, 0]),
+                 response_b_text=self.task.render_response(responses[i, 1], mask[i, 1]),
+                 source_a=int(source[i, 0]), source_b=int(source[i, 1]),
+                 oracle_reward_a=None if rewards is None else float(rewards[i, 0]),
+                 oracle_reward_b=None if rewards is None else float(rewards[i, 1]))
+            for i in range(len(ids))]
+
+  def enqueue_batch(self, batch_key: str, index: int, step: int, sampler_name: str, policy_params,
+                    ref_params, n: int) -> bool:
+    """Samples batch `batch_key` (prompts and sampler key `index`) and enqueues its queries, unless the
+    store holds it already: labelled, or pending from before a restart (then nothing is sampled
+    again and its queries keep their answers). The pairs and their queries are committed in one
+    transaction before any oracle sees them. Returns True when it sampled."""
+    self._asking_step = step
+    known = self.store is not None and self.store.status(batch_key) != 'absent'
+    if int(broadcast_from_main(np.int32(known))):
+      return False
     sampler, index_array = self.sampler(sampler_name), self.placement.scalar(index)
-    stored = self.store.get(batch_key) if self.store is not None else None
-    if int(broadcast_from_main(np.int32(stored is not None))):
-      if stored is None:  # Not process 0: receive process 0's copy, shaped like a fresh batch.
-        abstract = jax.eval_shape(sampler, policy_params, ref_params, self.prompts(index, n), index_array)
-        stored = (PreferenceBatch(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract),
-                                  np.zeros((n,), bool)), None)
-      return self.placement.to_global(broadcast_from_main(stored[0])), True
-    # Finish sampling before logging the query: the log-to-commit window stays as short as possible.
     with self.phases.phase('sample'):
       pairs = jax.block_until_ready(sampler(policy_params, ref_params, self.prompts(index, n), index_array))
       host_pairs = to_host(pairs)  # A collective: every process takes part.
     self.phases.count('sample_tokens', int(host_pairs.cost.policy_decode_tokens) +
                       int(host_pairs.cost.ref_decode_tokens))
     with self.phases.phase('label'):
+      rewards = self.oracle_rewards(host_pairs)  # On every process: a text oracle is a sharded model.
       if self.store is not None:
-        self.store.log_query(batch_key, n)
-      rewards = self.oracle_rewards(host_pairs)
-      a_preferred = np.asarray(self.label_rule(rewards, index_array))
-      labelled = PreferenceBatch(pairs, self.placement.to_global(a_preferred))
-      if self.store is not None:
-        self.store.put(batch_key, step, sampler_name, PreferenceBatch(host_pairs, a_preferred), rewards)
-    self.phases.count('label_pairs', n)
-    return labelled, False
+        self.store.put_pending(self.queue, batch_key, step, sampler_name, host_pairs, rewards,
+                               self._queries(host_pairs, rewards), oracle_index=index)
+    self._fresh[batch_key] = pairs
+    return True
+
+  def resolved_batch(self, batch_key: str, n: int, *, should_stop: Optional[Callable[[], bool]] = None,
+                     log: Callable[[str], None] = print) -> Optional[tuple[PreferenceBatch, bool]]:
+    """The labelled batch `batch_key` (enqueued before), once every query of it is resolved; it is
+    committed to the store before it is returned. Returns (batch, was_stored: labelled before this
+    call), or None when should_stop() (SIGTERM) turned true while waiting.
+
+    Function-oracle queries are answered here when labelling.worker='inline'; otherwise this polls
+    the queue (every labelling.poll_seconds) for the worker's or people's answers, printing progress
+    at most every PROGRESS_SECONDS. Other processes of a multi-host run wait in the broadcast.
+    """
+    code, labels = 0, None  # 0: stopped; 1: labelled before this call; 2: resolved now.
+    if self.store is not None:
+      if self.store.status(batch_key) == 'labelled':
+        code = 1
+      else:
+        with self.phases.phase('label'):
+          labels = self._wait_for_labels(batch_key, should_stop, log)
+          if labels is not None:
+            self.store.commit_resolved(batch_key, labels)
+            code = 2
+    code = int(broadcast_from_main(np.int32(code)))
+    if code == 0:
+      return None
+    fresh = self._fresh.pop(batch_key, None)
+    if code == 2:
+      self.phases.count('label_pairs', n)
+    if code == 2 and fresh is not None:  # Sampled by this process: only the labels travel.
+      labels = broadcast_from_main(np.zeros((n,), bool) if labels is None else labels)
+      return PreferenceBatch(fresh, self.placement.to_global(np.asarray(labels, bool))), False
+    # Labelled before, or sampled before a restart: process 0 reads it back, every process receives it.
+    stored = (self.store.get(batch_key)[0] if self.store is not None else
+              empty_preference_batch(n, self.task.prompt_len, self.task.response_len))
+    return self.placement.to_global(broadcast_from_main(stored)), code == 1
+
+  def _wait_for_labels(self, batch_key: str, should_stop, log) -> Optional[np.ndarray]:
+    """Process 0: the batch's labels once resolved (answering inline when that is the set-up)."""
+    lab = self.config.labelling
+    inline = self.function_oracle is not None and lab.worker == 'inline'
+    start = time.monotonic()
+    next_report, recorded = start + PROGRESS_SECONDS, False
+    while True:
+      if inline:
+        self.function_oracle.answer_batch(self.queue, batch_key)
+      labels = self.queue.resolved_labels(batch_key)
+      if labels is not None:
+        return labels
+      if not recorded:  # The web server shows where the loop waits.
+        self.queue.set_loop_step(self._asking_step)
+        recorded = True
+      if should_stop is not None and should_stop():
+        return None
+      now = time.monotonic()
+      if now >= next_report:
+        done, total = self.queue.batch_progress(batch_key)
+        queue = self.queue.progress()
+        who = ('people answer through the labelling web server' if self.function_oracle is None else
+               f'is `python -m pilaf_jax.labelling.worker --workdir={self.workdir}` running?')
+        log(f'Waiting for labels of {batch_key}: {done}/{total} resolved after {now - start:.0f} s; '
+            f'queue: {queue["pending"]} open, {queue["answered"]} resolved ({who}).')
+        next_report = now + PROGRESS_SECONDS
+      time.sleep(lab.poll_seconds)
+
+  def labelled_batch(self, batch_key: str, index: int, step: int, sampler_name: str, policy_params,
+                     ref_params, n: int) -> tuple[PreferenceBatch, bool]:
+    """The labelled batch `batch_key`: enqueue_batch, then resolved_batch (waiting as long as it
+    takes). Returns (batch, was_stored)."""
+    self.enqueue_batch(batch_key, index, step, sampler_name, policy_params, ref_params, n)
+    return self.resolved_batch(batch_key, n)
 
   def train(self, state: TrainState, batch: PreferenceBatch) -> tuple[TrainState, dict]:
     """One DPO step, timed (and waited for: see loops/timing.py)."""
@@ -307,7 +398,27 @@ class Experiment:
     run = RunState.create(self.init_policy_state(self.initial_policy_params(ref_params)))
     return run.replace(labels_used=self.placement.to_global(jax.device_get(run.labels_used), None))
 
+  def save_checkpoint(self, step: int, run, meta: dict) -> None:
+    """Starts the checkpoint of `step` (asynchronously when enabled), after bringing the workdir's
+    copy of the label store up to date: a checkpoint that exists in the workdir then always has every
+    batch it used in that copy (the store only grows), even when this machine is lost. TensorBoard
+    events of a remote workdir are mirrored too."""
+    if self.store_copy is not None:
+      self.store_copy.upload()
+    self.checkpointer.save(step, run, meta)
+    self._mirror_tensorboard()
+
+  def _mirror_tensorboard(self) -> None:
+    local, remote = self._tensorboard_dirs
+    if remote is not None and jax.process_index() == 0:
+      paths.mirror_dir(local, remote, self._tensorboard_uploaded)
+
   def close(self) -> None:
     self.checkpointer.close()
+    if self.store_copy is not None:
+      self.store_copy.upload()  # The finished (or interrupted) run's labels, in the workdir.
+      self.store_copy.close()
+    if self.queue is not None:
+      self.queue.close()
     if self.store is not None:
       self.store.close()

@@ -127,7 +127,7 @@ def test_committed_batch_survives_sigkill(tmp_path):
   labelled, rewards = make_batch(7)
   assert_batch_equal(store.get('online/000007'), labelled, rewards)
   assert store.get('online/000008') is None
-  assert store.counts() == {'labelled_pairs': 5, 'queried_pairs': 10, 'queried_twice': 0}
+  assert store.counts() == {'labelled_pairs': 5, 'queried_pairs': 10, 'queried_twice': 0, 'pending_pairs': 0}
   store.close()
 
 
@@ -164,20 +164,20 @@ def test_fingerprint_compares_json_normalised_values(tmp_path):
 
 def test_counts_and_queried_twice(tmp_path):
   store = LabelStore(str(tmp_path / 'labels.sqlite'), FINGERPRINT)
-  assert store.counts() == {'labelled_pairs': 0, 'queried_pairs': 0, 'queried_twice': 0}
+  assert store.counts() == {'labelled_pairs': 0, 'queried_pairs': 0, 'queried_twice': 0, 'pending_pairs': 0}
   store.log_query('online/000000', 5)
   labelled, rewards = make_batch(0)
   store.put('online/000000', 0, 'pilaf', labelled, rewards)
-  assert store.counts() == {'labelled_pairs': 5, 'queried_pairs': 5, 'queried_twice': 0}
+  assert store.counts() == {'labelled_pairs': 5, 'queried_pairs': 5, 'queried_twice': 0, 'pending_pairs': 0}
   # A crash between asking and committing: the resumed run asks again for the same batch.
   store.log_query('online/000001', 5)
   store.log_query('online/000001', 5)
   labelled, rewards = make_batch(1)
   store.put('online/000001', 1, 'pilaf', labelled, rewards)
-  assert store.counts() == {'labelled_pairs': 10, 'queried_pairs': 15, 'queried_twice': 5}
+  assert store.counts() == {'labelled_pairs': 10, 'queried_pairs': 15, 'queried_twice': 5, 'pending_pairs': 0}
   store.log_query('online/000001', 5)  # A third time.
   store.log_query('iteration000/chunk00000', 3)
-  assert store.counts() == {'labelled_pairs': 10, 'queried_pairs': 23, 'queried_twice': 10}
+  assert store.counts() == {'labelled_pairs': 10, 'queried_pairs': 23, 'queried_twice': 10, 'pending_pairs': 0}
   store.close()
 
 
@@ -210,3 +210,140 @@ def test_iter_rows_exports_every_pair(tmp_path):
         assert row[f'oracle_reward_{side}'] == rewards[i, j]
       assert row['a_preferred'] is bool(labelled.a_preferred[i])
   store.close()
+
+
+# --- pending batches (sampled, waiting for the labelling queue) ---
+
+def _queries(labelled) -> list[dict]:
+  p = labelled.pairs
+  return [dict(row=i, prompt_id=int(p.prompts.ids[i]), prompt_text=f'prompt {i}', response_a_text='a',
+               response_b_text='b', source_a=int(p.source[i, 0]), source_b=int(p.source[i, 1]))
+          for i in range(p.size)]
+
+
+def test_pending_batch_round_trip_and_commit(tmp_path):
+  from pilaf_jax.labelling.queue import LabelQueue
+  path = str(tmp_path / 'labels.sqlite')
+  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+  labelled, rewards = make_batch(0)
+  assert store.status('online/000000') == 'absent'
+  assert store.put_pending(queue, 'online/000000', 3, 'pilaf', labelled.pairs, rewards, _queries(labelled), 0)
+  assert store.status('online/000000') == 'pending' and queue.batch_status('online/000000') == 'pending'
+  assert store.get('online/000000') is None
+  pairs, got_rewards = store.get_pending('online/000000')
+  assert_batch_equal((PreferenceBatch(pairs, labelled.a_preferred), got_rewards), labelled, rewards)
+  assert store.counts() == {'labelled_pairs': 0, 'queried_pairs': 5, 'queried_twice': 0, 'pending_pairs': 5}
+  # Enqueueing the key again (a restarted loop) writes nothing, arrays included.
+  other, other_rewards = make_batch(1)
+  assert not store.put_pending(queue, 'online/000000', 3, 'pilaf', other.pairs, other_rewards, _queries(other))
+  assert_batch_equal((PreferenceBatch(store.get_pending('online/000000')[0], labelled.a_preferred),
+                      store.get_pending('online/000000')[1]), labelled, rewards)
+  assert store.commit_resolved('online/000000', labelled.a_preferred)
+  assert not store.commit_resolved('online/000000', labelled.a_preferred)  # Idempotent.
+  assert store.status('online/000000') == 'labelled' and store.get_pending('online/000000') is None
+  assert_batch_equal(store.get('online/000000'), labelled, rewards)
+  assert store.counts() == {'labelled_pairs': 5, 'queried_pairs': 5, 'queried_twice': 0, 'pending_pairs': 0}
+  assert [r['batch_key'] for r in store.iter_rows()] == ['online/000000'] * 5
+  with pytest.raises(KeyError):
+    store.commit_resolved('online/000001', labelled.a_preferred)
+  queue.close()
+  store.close()
+
+
+def test_pending_batch_and_queries_are_one_transaction(tmp_path):
+  """A failure while writing the arrays leaves no queries behind (and the reverse)."""
+  from pilaf_jax.labelling.queue import LabelQueue, QueueError
+  path = str(tmp_path / 'labels.sqlite')
+  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+  labelled, rewards = make_batch(0)
+  bad = labelled.pairs.replace(source=labelled.pairs.source[:2])  # Row 2 has no source: fails mid-write.
+  with pytest.raises(IndexError):
+    store.put_pending(queue, 'b', 0, 'pilaf', bad, rewards, _queries(labelled))
+  assert queue.batch_status('b') == 'absent' and store.status('b') == 'absent'
+  broken = _queries(labelled)
+  del broken[3]['prompt_text']
+  with pytest.raises(QueueError):
+    store.put_pending(queue, 'b', 0, 'pilaf', labelled.pairs, rewards, broken)
+  assert queue.batch_status('b') == 'absent' and store.status('b') == 'absent'
+  assert store.put_pending(queue, 'b', 0, 'pilaf', labelled.pairs, rewards, _queries(labelled))
+  queue.close()
+  store.close()
+
+
+def test_missing_rewards_are_nan(tmp_path):
+  """Without a function oracle (people label), the rewards are stored as NULL and read as NaN."""
+  from pilaf_jax.labelling.queue import LabelQueue
+  path = str(tmp_path / 'labels.sqlite')
+  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+  labelled, _ = make_batch(2)
+  store.put_pending(queue, 'b', 0, 'pilaf', labelled.pairs, None, _queries(labelled))
+  assert np.isnan(store.get_pending('b')[1]).all()
+  store.commit_resolved('b', labelled.a_preferred)
+  assert np.isnan(store.get('b')[1]).all()
+  assert all(r['oracle_reward_a'] is None for r in store.iter_rows())
+  queue.close()
+  store.close()
+
+
+_PENDING_CHILD = textwrap.dedent('''
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    sys.path.insert(0, {tests!r})
+    from test_label_store import FINGERPRINT, make_batch, _queries
+    from pilaf_jax.labelling.label_store import LabelStore
+    from pilaf_jax.labelling.queue import LabelQueue
+    store = LabelStore({path!r}, FINGERPRINT)
+    queue = LabelQueue({path!r})
+    labelled, rewards = make_batch(9)
+    store.put_pending(queue, 'online/000009', 9, 'pilaf', labelled.pairs, rewards, _queries(labelled))
+    print('committed', flush=True)
+    time.sleep(600)
+''')
+
+
+def test_pending_batch_survives_sigkill(tmp_path):
+  from pilaf_jax.labelling.queue import LabelQueue
+  path = str(tmp_path / 'labels.sqlite')
+  code = _PENDING_CHILD.format(repo=REPO, tests=os.path.dirname(os.path.abspath(__file__)), path=path)
+  child = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+  try:
+    assert child.stdout.readline().strip() == 'committed', child.stderr.read()
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=60) == -signal.SIGKILL
+  finally:
+    if child.poll() is None:
+      child.kill()
+      child.wait()
+  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+  labelled, rewards = make_batch(9)
+  pairs, got = store.get_pending('online/000009')
+  assert_batch_equal((PreferenceBatch(pairs, labelled.a_preferred), got), labelled, rewards)
+  assert queue.batch_progress('online/000009') == (0, 5)
+  queue.close()
+  store.close()
+
+
+def test_fields_added_since_match_at_their_default(tmp_path):
+  path = str(tmp_path / 'labels.sqlite')
+  LabelStore(path, FINGERPRINT).close()
+  defaults = {'labelling.max_staleness': 0, 'seed': 0}
+  LabelStore(path, dict(FINGERPRINT, **{'labelling.max_staleness': 0}), defaults=defaults).close()
+  with pytest.raises(LabelStoreMismatch, match="labelling.max_staleness: '<absent>' -> 2"):
+    LabelStore(path, dict(FINGERPRINT, **{'labelling.max_staleness': 2}), defaults=defaults)
+
+
+def test_empty_batch_matches_what_the_store_returns(tmp_path):
+  """A process without the store receives a broadcast into empty_preference_batch: same tree, shapes
+  and dtypes as LabelStore.get's batch, or the broadcast would not line up."""
+  import jax
+  from pilaf_jax.labelling.label_store import empty_preference_batch
+  store = LabelStore(str(tmp_path / 'labels.sqlite'), FINGERPRINT)
+  labelled, rewards = make_batch(0)
+  store.put('b', 0, 'pilaf', labelled, rewards)
+  got, _ = store.get('b')
+  store.close()
+  empty = empty_preference_batch(5, 4, 6)
+  assert jax.tree.structure(empty) == jax.tree.structure(got)
+  for x, y in zip(jax.tree.leaves(empty), jax.tree.leaves(got)):
+    assert (np.shape(x), np.asarray(x).dtype) == (np.shape(y), np.asarray(y).dtype)

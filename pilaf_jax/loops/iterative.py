@@ -2,18 +2,17 @@
 policy, then trains DPO on it for a few epochs with the reference fixed.
 
 Position in the loop: (iteration, epoch, minibatch), saved in every checkpoint's meta. Sampling an
-iteration's dataset needs no checkpoint of its own: every chunk is committed to the label store as it
-is labelled, and the policy is fixed during sampling, so a resumed run re-reads finished chunks and
-samples the rest from the same params.
+iteration's dataset needs no checkpoint of its own: every chunk is committed to the label store with
+its queries as it is sampled (pending), the loop trains only once every query of the iteration is
+answered, and the policy is fixed during sampling, so a resumed run re-reads the chunks it finds,
+waits for their open queries and samples the rest from the same params.
 """
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
 
-from pilaf_jax import checkpointing
+from pilaf_jax import checkpointing, paths
 from pilaf_jax.batches import CostTotals, PreferenceBatch
 from pilaf_jax.config_validation import ConfigError
 from pilaf_jax.experiment import SHUFFLE_STREAM, Experiment
@@ -34,7 +33,7 @@ def _concat(batches: list[PreferenceBatch]) -> PreferenceBatch:
 def _branch_point(exp: Experiment, run: RunState):
   """iterative.init_checkpoint: (step, run state, meta) of another run's latest checkpoint."""
   directory = exp.config.iterative.init_checkpoint
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise ConfigError(f'iterative.init_checkpoint={directory!r} is not a directory of checkpoints '
                       '(e.g. <workdir of a vanilla run>/checkpoints).')
   source = checkpointing.Checkpointer(directory, max_to_keep=1000, every_steps=1, every_seconds=1e9,
@@ -86,9 +85,22 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
   try:
     for i in range(position['iteration'], it.iterations):
       sampler = it.first_iteration_sampler if (i == 0 and it.first_iteration_sampler) else c.sampler.name
-      # Sampling and labelling (policy fixed). The prompt stream index is unique per (iteration, chunk).
-      data = [exp.labelled_batch(f'iteration{i:03d}/chunk{j:05d}', i * chunks + j, step, sampler,
-                                 run.train.params, ref_params, batch)[0] for j in range(chunks)]
+      # Sampling (policy fixed): every chunk goes into the labelling queue first, then the loop waits
+      # until every query of the iteration is answered. The prompt stream index is unique per
+      # (iteration, chunk).
+      keys = [f'iteration{i:03d}/chunk{j:05d}' for j in range(chunks)]
+      for j, key in enumerate(keys):
+        exp.enqueue_batch(key, i * chunks + j, step, sampler, run.train.params, ref_params, batch)
+      data = []
+      for key in keys:
+        resolved = exp.resolved_batch(key, batch, should_stop=lambda: preemption.requested, log=log)
+        if resolved is None:
+          break
+        data.append(resolved[0])
+      if len(data) < chunks:  # SIGTERM while waiting: nothing of this iteration was trained yet.
+        log(f'SIGTERM while waiting for the labels of iteration {i}: stopped at step {step} (the last '
+            'checkpoint and the labelling queue hold everything); run the same command again to resume.')
+        return rows
       data = _concat(data)
       start_epoch = position['epoch'] if i == position['iteration'] else 0
       for e in range(start_epoch, it.epochs):
@@ -111,7 +123,7 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
                     {'iteration': i, 'epoch': e + (k + 1) // steps_per_epoch,
                      'minibatch': (k + 1) % steps_per_epoch})
             with exp.phases.phase('checkpoint'):
-              exp.checkpointer.save(step, run, {'loop': 'iterative', **meta, 'cost': cost.as_dict()})
+              exp.save_checkpoint(step, run, {'loop': 'iterative', **meta, 'cost': cost.as_dict()})
           if preemption.requested:
             exp.checkpointer.wait()
             log(f'SIGTERM: saved step {step}; run the same command again to resume.')

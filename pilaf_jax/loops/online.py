@@ -1,4 +1,9 @@
-"""Online DPO (Guo et al. 2024): at every step, sample pairs from the current policy, label, update."""
+"""Online DPO (Guo et al. 2024): at every step, sample pairs from the current policy, label, update.
+
+Labels come through the labelling queue: with labelling.max_staleness = s > 0 the loop keeps s
+batches enqueued ahead, so oracles (an external worker, people) label while it trains, and step t
+trains on the batch sampled at step max(t - s, 0). s = 0 is fully synchronous.
+"""
 from __future__ import annotations
 
 import jax
@@ -34,26 +39,35 @@ def run_online(exp: Experiment, log=print) -> list[dict]:
     evaluate(0)  # The reference policy, before any update.
   preemption = Preemption()
   bar = progress(c.online.steps, start, c.runtime.progress_bar, f'online DPO ({c.sampler.name})')
-  batch = c.dpo.batch_size
+  batch, ahead = c.dpo.batch_size, c.labelling.max_staleness
   try:
     for t in range(start, c.online.steps):
-      labelled, _ = exp.labelled_batch(f'online/{t:06d}', t, t, c.sampler.name, run.train.params,
-                                       ref_params, batch)
-      train, metrics = exp.train(run.train, labelled)
-      run = RunState(train=train, labels_used=run.labels_used + batch)
-      cost = cost.add(labelled.pairs.cost)
-      step = t + 1
-      bar.update()
-      if step % c.runtime.log_every_steps == 0:
-        metrics = jax.device_get(metrics)
-        writer.scalars(metrics, step)
-        writer.scalars(exp.phases.row(), step, prefix='time/')
-        bar.set_postfix(loss=f'{float(metrics["dpo_loss"]):.3f}')
-      if step % c.eval.every_steps == 0 or step == c.online.steps:
-        evaluate(step)
+      # Batches t .. t + max_staleness are in the labelling queue, the newest sampled now (from the
+      # policy of step t); step t trains on batch t once all its queries are answered. A resumed run
+      # finds the earlier ones in the store (they were enqueued before its checkpoint was saved).
+      for j in range(t, min(t + ahead, c.online.steps - 1) + 1):
+        exp.enqueue_batch(f'online/{j:06d}', j, t, c.sampler.name, run.train.params, ref_params, batch)
+      resolved = exp.resolved_batch(f'online/{t:06d}', batch, should_stop=lambda: preemption.requested,
+                                    log=log)
+      if resolved is None:  # SIGTERM while waiting for labels: save step t (below) and stop.
+        preemption.requested, step = True, t
+      else:
+        labelled = resolved[0]
+        train, metrics = exp.train(run.train, labelled)
+        run = RunState(train=train, labels_used=run.labels_used + batch)
+        cost = cost.add(labelled.pairs.cost)
+        step = t + 1
+        bar.update()
+        if step % c.runtime.log_every_steps == 0:
+          metrics = jax.device_get(metrics)
+          writer.scalars(metrics, step)
+          writer.scalars(exp.phases.row(), step, prefix='time/')
+          bar.set_postfix(loss=f'{float(metrics["dpo_loss"]):.3f}')
+        if step % c.eval.every_steps == 0 or step == c.online.steps:
+          evaluate(step)
       if exp.checkpointer.due(step) or step == c.online.steps or preemption.requested:
         with exp.phases.phase('checkpoint'):
-          exp.checkpointer.save(step, run, {'loop': 'online', 'step': step, 'cost': cost.as_dict()})
+          exp.save_checkpoint(step, run, {'loop': 'online', 'step': step, 'cost': cost.as_dict()})
       if preemption.requested:
         exp.checkpointer.wait()
         log(f'SIGTERM: saved step {step}; run the same command again to resume.')

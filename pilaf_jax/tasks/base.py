@@ -46,3 +46,6 @@ class Task(Protocol):
 
   def describe(self, split: str, prompt_id: int) -> str:
     """The prompt's text (for exports, label pages and oracles that read text)."""
+
+  def render_response(self, tokens: np.ndarray, mask: np.ndarray) -> str:
+    """One response's text ([R] tokens and validity), as a labeller is shown it."""

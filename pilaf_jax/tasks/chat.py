@@ -88,14 +88,22 @@ class ChatTask:
   def describe(self, split: str, prompt_id: int) -> str:
     return '\n'.join(f'{m["role"]}: {m["content"]}' for m in self._source(split).messages(prompt_id))
 
+  def render_response(self, tokens: np.ndarray, mask: np.ndarray) -> str:
+    """The detokenised response (stop tokens and padding dropped), as the text oracle reads it."""
+    return self.tokenizer.decode_responses(np.asarray(tokens)[None], np.asarray(mask)[None])[0]
+
 
 def _prompt_sources(task_cfg, workdir: str) -> dict[str, PromptSource]:
   from pilaf_jax.model.checkpoints import resolve_path
   source_dir = resolve_path(task_cfg.source_dir)
   if task_cfg.dataset == 'hh_rlhf':
     from pilaf_jax.data.prompts import HHRLHFPrompts
-    # The TFDS build (array_record) is written once and reused by every later run.
-    data_dir = resolve_path(task_cfg.data_dir) if task_cfg.data_dir else os.path.join(workdir, 'tfds')
+    # The TFDS build (array_record) is written once and reused by every later run. By default it is a
+    # local cache: in a local workdir, or in this machine's directory for a gs:// workdir (a new machine
+    # builds it again from task.source_dir).
+    from pilaf_jax import paths
+    data_dir = (resolve_path(task_cfg.data_dir) if task_cfg.data_dir
+                else os.path.join(paths.local_dir(workdir), 'tfds'))
     return {split: HHRLHFPrompts(data_dir, name, task_cfg.subset, source_dir=source_dir)
             for split, name in ((TRAIN, 'train'), (EVAL, 'test'))}
   from pilaf_jax.data.prompts import JsonlPrompts

@@ -200,3 +200,12 @@ class SyntheticTask:
   def describe(self, split: str, prompt_id: int) -> str:
     tokens = self._prompt_fn(self._key(split), np.asarray([prompt_id], np.int32)).tokens[0]
     return ' '.join(str(int(t)) for t in np.asarray(tokens))
+
+  def describe_many(self, split: str, prompt_ids: np.ndarray) -> list[str]:
+    """describe() of many prompts in one call (the labelling queue asks for a batch at a time)."""
+    tokens = np.asarray(self._prompt_fn(self._key(split), np.asarray(prompt_ids, np.int32)).tokens)
+    return [' '.join(str(int(t)) for t in row) for row in tokens]
+
+  def render_response(self, tokens: np.ndarray, mask: np.ndarray) -> str:
+    """The response's token ids, space-separated as in describe(), up to and including EOS."""
+    return ' '.join(str(int(t)) for t, valid in zip(np.asarray(tokens), np.asarray(mask)) if valid)
