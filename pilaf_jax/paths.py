@@ -15,6 +15,7 @@ gcsfs). What an object store cannot do, and how this layer copes:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -125,12 +126,23 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
   if is_remote(path):
     as_path(path).write_bytes(data)  # One object upload: it becomes visible only once complete.
     return
-  path = os.fspath(as_path(path))
+  with _atomic_local_file(os.fspath(as_path(path))) as f:
+    f.write(data)
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+  write_bytes_atomic(path, text.encode())
+
+
+@contextlib.contextmanager
+def _atomic_local_file(path: str):
+  """A binary file that appears at `path` whole (temporary file, fsync, rename, fsync of the
+  directory) when the block ends, and not at all when it raises."""
   os.makedirs(os.path.dirname(path), exist_ok=True)  # Like an object store, where no directory is needed.
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + '.', suffix='.tmp')
   try:
     with os.fdopen(fd, 'wb') as f:
-      f.write(data)
+      yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -139,10 +151,6 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
       os.remove(tmp)
     raise
   _fsync_dir(os.path.dirname(path))
-
-
-def write_text_atomic(path: PathLike, text: str) -> None:
-  write_bytes_atomic(path, text.encode())
 
 
 def _fsync_dir(directory: str) -> None:
@@ -163,22 +171,9 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
   one as a single object upload, abandoned (not committed) if anything fails half way."""
   src_path, dst_path = _fresh(src), as_path(dst)
   if not is_remote(dst_path):
-    local = os.fspath(dst_path)
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(local), prefix=os.path.basename(local) + '.',
-                               suffix='.tmp')
-    try:
-      with os.fdopen(fd, 'wb') as out, src_path.open('rb') as f:
-        while chunk := f.read(_CHUNK):
-          out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-      os.replace(tmp, local)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
-    _fsync_dir(os.path.dirname(local))
+    with _atomic_local_file(os.fspath(dst_path)) as out, src_path.open('rb') as f:
+      while chunk := f.read(_CHUNK):
+        out.write(chunk)
     return
   out = dst_path.open('wb')
   try:
