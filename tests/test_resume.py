@@ -156,13 +156,15 @@ EXTERNAL = ['--config.labelling.worker=external', '--config.labelling.poll_secon
 
 def test_external_worker_and_loop_killed_match_uninterrupted(root, env, online_reference, reuse_reference):
   """labelling.worker='external': the function oracle answers from its own process, which lives through
-  the loop's kills. The loop is SIGKILLed while it waits for labels and while saving; the worker three
-  times (each at the first moment after a delay that a batch is partly answered, as far as a 1 ms poll
-  sees) and restarted at once. The run ends as the inline, uninterrupted one."""
+  the loop's kills. The loop is SIGKILLed while it waits for labels and while saving; the worker up to
+  three times (each at the first moment after a delay that a batch is partly answered, as far as a 1 ms
+  poll sees) and restarted at once. A kill planned after the run has ended cannot land, so at least two
+  must (the run lasts long enough for three on an idle machine). The run ends as the inline,
+  uninterrupted one."""
   workdir = root / 'external_killed'
   worker = kr.WorkerProcess(str(workdir), str(root / 'external_worker.log'), env)
   worker.start()
-  killer = kr.WorkerKiller(worker, delays=[0.5, 1.0, 1.0], patience=30.0).start()
+  killer = kr.WorkerKiller(worker, delays=[0.3, 0.5, 0.5], patience=30.0).start()
   kills = [
       lambda s, t: s.batches >= 3 and s.queries > s.batches,  # Batch enqueued, its labels not in yet.
       _saving_at_or_after(5 * CKPT_EVERY, 7 * CKPT_EVERY),
@@ -176,7 +178,8 @@ def test_external_worker_and_loop_killed_match_uninterrupted(root, env, online_r
   print('worker kills:', worker.kills)
   assert all(r.killed for r in launches), [r.phase for r in launches]
   assert 'labelling' in launches[0].phase, launches[0].phase
-  assert len(worker.kills) == 3 and worker.starts == 4, worker.kills
+  assert len(worker.kills) >= 2 and worker.starts == len(worker.kills) + 1, worker.kills
+  assert all(k.startswith('mid-batch') for k in worker.kills), worker.kills
   assert_same_run(online_reference, workdir, launches, ONLINE_STEPS * BATCH)
 
 
