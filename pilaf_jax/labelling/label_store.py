@@ -26,35 +26,30 @@ import numpy as np
 
 from pilaf_jax.batches import PairBatch, PreferenceBatch, PromptBatch, SamplingCost
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS pending_batches (
+# Labelled batches (batches, pairs) and batches waiting for labels (pending_*) have the same columns,
+# but for the label, which sits before the oracle's rewards (INSERTs below rely on the order).
+_BATCH_COLUMNS = """
   batch_key TEXT PRIMARY KEY, step INTEGER NOT NULL, sampler TEXT NOT NULL, num_pairs INTEGER NOT NULL,
-  prompt_len INTEGER NOT NULL, response_len INTEGER NOT NULL, cost TEXT NOT NULL, time REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS pending_pairs (
+  prompt_len INTEGER NOT NULL, response_len INTEGER NOT NULL, cost TEXT NOT NULL, time REAL NOT NULL"""
+_PAIR_ARRAYS = """
   batch_key TEXT NOT NULL, row INTEGER NOT NULL, prompt_id INTEGER NOT NULL,
   prompt BLOB NOT NULL, prompt_mask BLOB NOT NULL,
   response_a BLOB NOT NULL, response_b BLOB NOT NULL, mask_a BLOB NOT NULL, mask_b BLOB NOT NULL,
   policy_logprobs_a BLOB NOT NULL, policy_logprobs_b BLOB NOT NULL,
   ref_logprobs_a BLOB NOT NULL, ref_logprobs_b BLOB NOT NULL,
-  source_a INTEGER NOT NULL, source_b INTEGER NOT NULL,
+  source_a INTEGER NOT NULL, source_b INTEGER NOT NULL,"""
+_PAIR_TAIL = """
   oracle_reward_a REAL, oracle_reward_b REAL,
-  PRIMARY KEY (batch_key, row));
+  PRIMARY KEY (batch_key, row)"""
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_batches ({_BATCH_COLUMNS});
+CREATE TABLE IF NOT EXISTS pending_pairs ({_PAIR_ARRAYS}{_PAIR_TAIL});
 CREATE TABLE IF NOT EXISTS oracle_queries (
   id INTEGER PRIMARY KEY AUTOINCREMENT, batch_key TEXT NOT NULL, num_pairs INTEGER NOT NULL,
   pid INTEGER NOT NULL, time REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS batches (
-  batch_key TEXT PRIMARY KEY, step INTEGER NOT NULL, sampler TEXT NOT NULL, num_pairs INTEGER NOT NULL,
-  prompt_len INTEGER NOT NULL, response_len INTEGER NOT NULL, cost TEXT NOT NULL, time REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS pairs (
-  batch_key TEXT NOT NULL, row INTEGER NOT NULL, prompt_id INTEGER NOT NULL,
-  prompt BLOB NOT NULL, prompt_mask BLOB NOT NULL,
-  response_a BLOB NOT NULL, response_b BLOB NOT NULL, mask_a BLOB NOT NULL, mask_b BLOB NOT NULL,
-  policy_logprobs_a BLOB NOT NULL, policy_logprobs_b BLOB NOT NULL,
-  ref_logprobs_a BLOB NOT NULL, ref_logprobs_b BLOB NOT NULL,
-  source_a INTEGER NOT NULL, source_b INTEGER NOT NULL, a_preferred INTEGER NOT NULL,
-  oracle_reward_a REAL, oracle_reward_b REAL,
-  PRIMARY KEY (batch_key, row));
+CREATE TABLE IF NOT EXISTS batches ({_BATCH_COLUMNS});
+CREATE TABLE IF NOT EXISTS pairs ({_PAIR_ARRAYS} a_preferred INTEGER NOT NULL,{_PAIR_TAIL});
 """
 _ARRAY_COLUMNS = {  # column -> (PairBatch field, pair index or None, dtype)
     'prompt': ('prompt_tokens', None, np.int32), 'prompt_mask': ('prompt_mask', None, np.bool_),
