@@ -4,6 +4,7 @@ r"""pilaf_jax's kernels against PyTorch + transformers on the same machine, same
   python benchmarks/vs_torch.py           # the default configuration (issue 10)
   python benchmarks/vs_torch.py --hidden=1024 --layers=8 --intermediate=4096
   python benchmarks/vs_torch.py --only=a,b,d --runs=7
+  python benchmarks/vs_torch.py --jax-devices=1,2   # jax on one CPU device and on two (rows split)
 
 One tiny Llama (default: vocab 512, hidden 256, 4 layers, 4 heads, ffn 1024, fp32) is initialised in
 Flax, written as a Hugging Face checkpoint (pilaf_jax.model.hf.save_hf_checkpoint) and loaded by
@@ -33,6 +34,14 @@ plus attention's 4 * layers * d_attn * context per token; decoding counts every 
 every token it produced (prefill included); the DPO step counts 1 forward for the reference and 3
 for the policy; the uncached mixture counts the work it did (the whole prefix at every step).
 
+CPU devices (--jax-devices, default 1,2 on a machine with two or more cores): a decode step is a chain
+of small kernels that XLA:CPU runs one after another, mostly on one thread (turning off XLA's
+multi-threaded Eigen does not slow it), while torch splits every op over its threads. Splitting the batch rows over a ('data',) mesh of N forced host
+devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, the same mesh and shardings as
+config.mesh.data=N) runs the rows' halves side by side; each N is timed as its own side of the same
+alternation and gets its own ratio. Both are pilaf_jax's ordinary sharded program (sharded =
+unsharded is tested in tests/test_sharded_equivalence.py).
+
 Nothing is downloaded: both models are random. torch uses --threads threads (default: every core).
 """
 from __future__ import annotations
@@ -51,6 +60,29 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+
+def _requested_devices(argv: list[str]) -> list[int]:
+  """--jax-devices, read before jax starts: XLA fixes the number of CPU devices at start-up."""
+  value = '1,2' if (os.cpu_count() or 1) >= 2 else '1'
+  for i, arg in enumerate(argv):
+    if arg.startswith('--jax-devices='):
+      value = arg.split('=', 1)[1]
+    elif arg == '--jax-devices' and i + 1 < len(argv):
+      value = argv[i + 1]
+  try:
+    devices = sorted({int(x) for x in value.split(',') if x})
+  except ValueError:
+    sys.exit(f'--jax-devices={value!r}: expected device counts such as 1,2')
+  if not devices or min(devices) < 1:
+    sys.exit(f'--jax-devices={value!r}: expected positive device counts such as 1,2')
+  return devices
+
+
+_JAX_DEVICES = _requested_devices(sys.argv[1:])
+if max(_JAX_DEVICES) > 1:
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={max(_JAX_DEVICES)}').strip()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -62,6 +94,7 @@ from pilaf_jax.learning.train_state import init_train_state  # noqa: E402
 from pilaf_jax.model.hf import save_hf_checkpoint  # noqa: E402
 from pilaf_jax.model.llama import Llama, LlamaConfig, init_params  # noqa: E402
 from pilaf_jax.model.scoring import response_logprobs  # noqa: E402
+from pilaf_jax.parallel import batch_sharding, make_mesh, replicated  # noqa: E402
 from pilaf_jax.sampling.decode import DecodeSettings, RowLayout, decode  # noqa: E402
 from pilaf_jax.sampling.uncached import decode_uncached  # noqa: E402
 
@@ -294,8 +327,15 @@ def main():
   parser.add_argument('--only', default='a,b,c,d')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--json', default='', help='also write the results here')
+  parser.add_argument('--jax-devices', default='',
+                      help='jax sides: rows split over a data mesh of this many CPU devices each '
+                           '(default 1,2 with two or more cores)')
   args = parser.parse_args()
   only = [f for f in args.only.split(',') if f]
+  args.jax_devices = _JAX_DEVICES
+  for fig_rows, what in ((args.batch, '--batch'), (args.dpo_pairs, '--dpo-pairs')):
+    if any(fig_rows % n for n in args.jax_devices):
+      parser.error(f'{what}={fig_rows} must divide over every --jax-devices count {args.jax_devices}')
   if set(only) - set(FIGURES):
     parser.error(f'--only takes figures from {FIGURES}')
   try:
@@ -346,79 +386,107 @@ def main():
   print(f'fp32 matmul {args.peak_n}^3: jax {peak["jax"] / 1e9:,.0f} GFLOP/s, torch '
         f'{peak["torch"] / 1e9:,.0f} GFLOP/s')
 
-  prompts = PromptBatch(jnp.asarray(prompt_np), jnp.ones((b, p), bool))
   prompt_t = torch.from_numpy(prompt_np.astype(np.int64))
   settings = DecodeSettings(max_new_tokens=r, eos_ids=-1)  # No stop token: every row runs R steps.
-  coef = jnp.full((b,), args.coef, jnp.float32)
   results = {}
+  sides = [f'jax x{n}' if n > 1 else 'jax' for n in args.jax_devices]
+  meshes = {side: make_mesh(dict(data=n, fsdp=1, tensor=1), jax.devices()[:n])
+            for side, n in zip(sides, args.jax_devices)}
 
-  def compiled(fn, *xs):
-    start = time.perf_counter()
-    c = jax.jit(fn).lower(*xs).compile()
-    return c, time.perf_counter() - start
+  def place(side, params_tree, *rows):
+    """Params replicated, batch rows split over the side's 'data' axis."""
+    mesh = meshes[side]
+    placed = [jax.device_put(params_tree, replicated(mesh))]
+    placed += [jax.device_put(x, jax.tree.map(lambda a: batch_sharding(mesh, a.ndim), x)) for x in rows]
+    return placed
 
-  def run(fig, jax_fn, torch_fn, work, flops, runs):
-    times = alternate({'jax': jax_fn, 'torch': torch_fn}, args.warmup, runs)
+  def run(fig, jax_fns: dict, torch_fn, work, flops, runs):
+    times = alternate({**jax_fns, 'torch': torch_fn}, args.warmup, runs)
     med = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: work / med[k] for k in med}
     results[fig] = dict(name=NAMES[fig], unit=UNITS[fig], times=times, rate=rate,
-                        ratio=rate['jax'] / rate['torch'],
+                        ratio={k: rate[k] / rate['torch'] for k in jax_fns},
                         peak_fraction={k: flops / med[k] / machine_peak for k in med})
-    print(f'  ({fig}) {NAMES[fig]:<38} jax {rate["jax"]:>10,.1f}  torch {rate["torch"]:>10,.1f} '
-          f'{UNITS[fig]:<9}  ratio {rate["jax"] / rate["torch"]:5.2f}', flush=True)
+    line = '  '.join(f'{k} {rate[k]:>9,.1f}' for k in rate)
+    ratios = '  '.join(f'{k} / torch {rate[k] / rate["torch"]:4.2f}' for k in jax_fns)
+    print(f'  ({fig}) {NAMES[fig]:<38} {line} {UNITS[fig]:<9}  {ratios}', flush=True)
+
+  def compiled(fig, fn, *xs):
+    start = time.perf_counter()
+    c = jax.jit(fn).lower(*xs).compile()
+    print(f'  ({fig}) compile {time.perf_counter() - start:.1f}s', flush=True)
+    return c
+
+  def decode_sides(fig, fn, coef_rows: int):
+    """One compiled decode per side, its inputs placed on the side's mesh."""
+    fns, tokens = {}, {}
+    for side in sides:
+      (pol, ref), prompts, coef = place(side, (policy_params, ref_params),
+                                        PromptBatch(jnp.asarray(prompt_np), jnp.ones((b, p), bool)),
+                                        jnp.full((coef_rows,), args.coef, jnp.float32))
+      c = compiled(fig, fn, pol, ref, prompts, coef, key)
+      fns[side] = functools.partial(lambda c, *xs: c(*xs).tokens.block_until_ready(),
+                                    c, pol, ref, prompts, coef, key)
+      tokens[side] = np.asarray(fns[side]())
+    # Splitting rows over devices must not change what is sampled (same key, same tokens).
+    if any(not np.array_equal(tokens[sides[0]], tokens[s]) for s in sides):
+      sys.exit(f'({fig}) the jax sides sampled different tokens from the same key')
+    return fns
 
   key = jax.random.key(args.seed + 2)
   torch.manual_seed(args.seed + 3)
   if 'a' in only:
     fn = functools.partial(decode, model, model, layout=RowLayout(policy_only=b), settings=settings)
-    c, secs = compiled(fn, policy_params, ref_params, prompts, coef[:0], key)
-    print(f'  (a) compile {secs:.1f}s')
-    run('a', lambda: c(policy_params, ref_params, prompts, coef[:0], key).tokens.block_until_ready(),
-        lambda: side.generate(prompt_t, r), b * r, decode_flops(cfg, b, p, r, 1), args.runs)
+    run('a', decode_sides('a', fn, 0), lambda: side.generate(prompt_t, r), b * r,
+        decode_flops(cfg, b, p, r, 1), args.runs)
   if 'b' in only:
     fn = functools.partial(decode, model, model, layout=RowLayout(mixed=b), settings=settings)
-    c, secs = compiled(fn, policy_params, ref_params, prompts, coef, key)
-    print(f'  (b) compile {secs:.1f}s')
-    run('b', lambda: c(policy_params, ref_params, prompts, coef, key).tokens.block_until_ready(),
-        lambda: side.mixture_cached(prompt_t, r, args.coef), b * r, decode_flops(cfg, b, p, r, 2),
-        args.runs)
+    run('b', decode_sides('b', fn, b), lambda: side.mixture_cached(prompt_t, r, args.coef), b * r,
+        decode_flops(cfg, b, p, r, 2), args.runs)
   if 'c' in only:
     fn = functools.partial(decode_uncached, model, model, layout=RowLayout(mixed=b),
                            settings=settings, prefix_bucket=args.prefix_bucket)
-    c, secs = compiled(fn, policy_params, ref_params, prompts, coef, key)
-    print(f'  (c) compile {secs:.1f}s')
-    run('c', lambda: c(policy_params, ref_params, prompts, coef, key).tokens.block_until_ready(),
-        lambda: side.mixture_uncached(prompt_t, r, args.coef), b * r,
+    run('c', decode_sides('c', fn, b), lambda: side.mixture_uncached(prompt_t, r, args.coef), b * r,
         uncached_flops(cfg, b, p, r, 2, args.prefix_bucket), args.runs_uncached)
   if 'd' in only:
     n = args.dpo_pairs
     chosen = rs.randint(0, args.vocab, (n, r)).astype(np.int32)
     rejected = rs.randint(0, args.vocab, (n, r)).astype(np.int32)
-    dpo_prompts = PromptBatch(jnp.asarray(prompt_np[:n]), jnp.ones((n, p), bool))
     # torch's AdamW defaults, so that both sides run the same update.
     tx = optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
     step = jax.jit(jax_dpo_fn(model, tx, args.dpo_beta), donate_argnums=0)
-    holder = {'state': init_train_state(jax.tree.map(jnp.copy, policy_params), tx)}
-    xs = (ref_params, dpo_prompts, jnp.asarray(chosen), jnp.asarray(rejected))
-    start = time.perf_counter()
-    c = step.lower(holder['state'], *xs).compile()
-    print(f'  (d) compile {time.perf_counter() - start:.1f}s')
+    fns = {}
+    for name in sides:
+      (policy_copy, ref), dpo_prompts, ch, rj = place(
+          name, (jax.tree.map(jnp.copy, policy_params), ref_params),
+          PromptBatch(jnp.asarray(prompt_np[:n]), jnp.ones((n, p), bool)), jnp.asarray(chosen),
+          jnp.asarray(rejected))
+      holder = {'state': init_train_state(policy_copy, tx)}
+      xs = (ref, dpo_prompts, ch, rj)
+      start = time.perf_counter()
+      c = step.lower(holder['state'], *xs).compile()
+      print(f'  (d) compile {time.perf_counter() - start:.1f}s', flush=True)
 
-    def jax_step():
-      holder['state'], metrics = c(holder['state'], *xs)
-      jax.block_until_ready(holder['state'])
+      def jax_step(c=c, holder=holder, xs=xs):
+        holder['state'], _ = c(holder['state'], *xs)
+        jax.block_until_ready(holder['state'])
+      fns[name] = jax_step
     side.dpo_setup(np.concatenate([prompt_np[:n], chosen], 1).astype(np.int64),
                    np.concatenate([prompt_np[:n], rejected], 1).astype(np.int64), p,
                    args.dpo_beta, args.lr)
-    run('d', jax_step, side.dpo_step, n, dpo_flops(cfg, n, p + r), args.runs)
+    run('d', fns, side.dpo_step, n, dpo_flops(cfg, n, p + r), args.runs)
 
   print()
-  print(f'| figure | pilaf_jax | PyTorch | ratio | jax % of peak | torch % of peak |')
-  print(f'|---|---|---|---|---|---|')
+  head = ' | '.join(f'pilaf_jax, {n} CPU device{"s" if n > 1 else ""}' for n in args.jax_devices)
+  print(f'| figure | {head} | PyTorch | ' + ' | '.join(f'{s} / torch' for s in sides) +
+        ' | % of peak (' + ', '.join(sides) + ', torch) |')
+  print('|---' * (3 + 2 * len(sides)) + '|')
+  fmt = lambda x: f'{x:,.0f}' if x >= 100 else f'{x:,.1f}'
   for fig, res in results.items():
-    print(f'| ({fig}) {res["name"]}, {res["unit"]} | {res["rate"]["jax"]:,.0f} | '
-          f'{res["rate"]["torch"]:,.0f} | {res["ratio"]:.2f} | '
-          f'{100 * res["peak_fraction"]["jax"]:.1f} | {100 * res["peak_fraction"]["torch"]:.1f} |')
+    print(f'| ({fig}) {res["name"]}, {res["unit"]} | '
+          + ' | '.join(fmt(res['rate'][k]) for k in sides + ['torch']) + ' | '
+          + ' | '.join(f'{res["ratio"][k]:.2f}' for k in sides) + ' | '
+          + ' / '.join(f'{100 * res["peak_fraction"][k]:.1f}' for k in sides + ['torch']) + ' |')
   print(f'peak = the higher measured fp32 matmul rate ({machine_peak / 1e9:,.0f} GFLOP/s; jax '
         f'{peak["jax"] / 1e9:,.0f}, torch {peak["torch"] / 1e9:,.0f})')
   if args.json:
