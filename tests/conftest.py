@@ -124,8 +124,9 @@ def tiny_pair():
 # With --dist=loadfile a test file is the unit of scheduling, so the file that starts last bounds
 # the wall time: the longest files go first (pyproject.toml turns off xdist's reordering). Measured
 # with --durations; a file not listed keeps its place after these.
-SLOWEST_FILES = ('test_resume.py', 'test_notebooks.py', 'test_sharded_equivalence.py', 'test_object_store.py',
-                 'test_multiprocess_run.py', 'test_label_browser.py', 'test_library_api.py')
+SLOWEST_FILES = ('test_resume.py', 'test_notebooks.py', 'test_sharded_equivalence.py', 'test_study.py',
+                 'test_multiprocess_run.py', 'test_object_store.py', 'test_gguf.py', 'test_label_browser.py',
+                 'test_chat_task.py', 'test_library_api.py')
 
 
 @pytest.hookimpl(trylast=True)  # After any plugin that shuffles the order.
