@@ -32,6 +32,15 @@ def queries(n: int, rewards=None, first_prompt: int = 0) -> list[dict]:
   return out
 
 
+def queue_of(path: str, batch_queries: list[dict], labellers, **settings) -> LabelQueue:
+  """A queue holding one batch 'b' (step 0, pilaf) of batch_queries, with these labellers added."""
+  q = LabelQueue(path, **settings)
+  q.enqueue('b', 0, 'pilaf', batch_queries)
+  for name in labellers:
+    q.add_labeller(name)
+  return q
+
+
 def dump(path: str) -> list[str]:
   """Every row of the queue's tables, for 'changed nothing' checks."""
   db = sqlite3.connect(path)
@@ -120,11 +129,8 @@ def test_assignment_answer_and_refusals_change_nothing(path):
 
 
 def test_k_answers_majority_ties_and_skips(path):
-  q = LabelQueue(path, answers_per_query=3, allow_ties=True)
-  q.enqueue('b', 0, 'pilaf', queries(5))
   names = ['l0', 'l1', 'l2', 'l3']
-  for n in names:
-    q.add_labeller(n)
+  q = queue_of(path, queries(5), names, answers_per_query=3, allow_ties=True)
   votes = {0: 'aab', 1: 'abb', 2: 'abt', 3: 'ttt', 4: 'bsab'}  # t = tie, s = skip.
   word = {'a': 'a', 'b': 'b', 't': 'tie', 's': 'skip'}
   ids = {}
@@ -151,10 +157,7 @@ def test_k_answers_majority_ties_and_skips(path):
 
 
 def test_next_query_counts_answers_and_live_assignments(path):
-  q = LabelQueue(path, answers_per_query=2)
-  q.enqueue('b', 0, 'pilaf', queries(2))
-  for n in ('alice', 'bob', 'carol'):
-    q.add_labeller(n)
+  q = queue_of(path, queries(2), ('alice', 'bob', 'carol'), answers_per_query=2)
   first = q.next_query('alice')
   assert q.next_query('bob') == first  # Two answers needed: two people may hold it.
   assert q.next_query('carol').row == 1
@@ -167,10 +170,7 @@ def test_next_query_counts_answers_and_live_assignments(path):
 
 
 def test_assignments_expire(path):
-  q = LabelQueue(path, assignment_timeout_s=0.3)
-  q.enqueue('b', 0, 'pilaf', queries(2))
-  for n in ('alice', 'bob', 'carol'):
-    q.add_labeller(n)
+  q = queue_of(path, queries(2), ('alice', 'bob', 'carol'), assignment_timeout_s=0.3)
   held = q.next_query('alice')
   assert q.next_query('bob').row == 1
   assert q.next_query('carol') is None
@@ -274,10 +274,8 @@ def test_oracle_work_and_reports(path):
 
 def test_report_agreement_figures(path):
   """k = 2, two people answer every query: overlap and agreement by hand."""
-  q = LabelQueue(path, answers_per_query=2, allow_ties=True)
-  q.enqueue('b', 0, 'pilaf', queries(4, [(1, 0), (1, 0), (0, 1), (0, 1)]))
-  for n in ('alice', 'bob'):
-    q.add_labeller(n)
+  q = queue_of(path, queries(4, [(1, 0), (1, 0), (0, 1), (0, 1)]), ('alice', 'bob'), answers_per_query=2,
+               allow_ties=True)
   plan = {'alice': 'aabt', 'bob': 'abbs'}
   for n, seq in plan.items():
     for c in seq:

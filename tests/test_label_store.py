@@ -109,20 +109,25 @@ _CHILD = textwrap.dedent('''
 ''')
 
 
-def test_committed_batch_survives_sigkill(tmp_path):
-  path = str(tmp_path / 'labels.sqlite')
-  code = _CHILD.format(repo=REPO, tests=os.path.dirname(os.path.abspath(__file__)), path=path)
+def _sigkill_after_commit(child_code: str, path: str) -> None:
+  """Runs child_code (a template of repo, tests, path) until it prints 'committed', then SIGKILLs it:
+  no close, no WAL checkpoint, so only what was committed survives."""
+  code = child_code.format(repo=REPO, tests=os.path.dirname(os.path.abspath(__file__)), path=path)
   child = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
   try:
-    line = child.stdout.readline()
-    assert line.strip() == 'committed', child.stderr.read()
-    child.send_signal(signal.SIGKILL)  # No close, no WAL checkpoint: only what was committed.
+    assert child.stdout.readline().strip() == 'committed', child.stderr.read()
+    child.send_signal(signal.SIGKILL)
     assert child.wait(timeout=60) == -signal.SIGKILL
   finally:
     if child.poll() is None:
       child.kill()
       child.wait()
+
+
+def test_committed_batch_survives_sigkill(tmp_path):
+  path = str(tmp_path / 'labels.sqlite')
+  _sigkill_after_commit(_CHILD, path)
   store = LabelStore(path, FINGERPRINT)
   labelled, rewards = make_batch(7)
   assert_batch_equal(store.get('online/000007'), labelled, rewards)
@@ -304,17 +309,7 @@ _PENDING_CHILD = textwrap.dedent('''
 def test_pending_batch_survives_sigkill(tmp_path):
   from pilaf_jax.labelling.queue import LabelQueue
   path = str(tmp_path / 'labels.sqlite')
-  code = _PENDING_CHILD.format(repo=REPO, tests=os.path.dirname(os.path.abspath(__file__)), path=path)
-  child = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
-  try:
-    assert child.stdout.readline().strip() == 'committed', child.stderr.read()
-    child.send_signal(signal.SIGKILL)
-    assert child.wait(timeout=60) == -signal.SIGKILL
-  finally:
-    if child.poll() is None:
-      child.kill()
-      child.wait()
+  _sigkill_after_commit(_PENDING_CHILD, path)
   store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
   labelled, rewards = make_batch(9)
   pairs, got = store.get_pending('online/000009')
