@@ -455,6 +455,11 @@ class WorkerProcess:
   def alive(self) -> bool:
     return self.proc is not None and self.proc.poll() is None
 
+  def freeze(self, frozen: bool) -> None:
+    """SIGSTOP / SIGCONT: while frozen, what the queue shows is what the worker has committed."""
+    if self.alive():
+      self.proc.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+
   def kill(self, reader: Optional['StateReader'] = None) -> bool:
     """SIGKILLs the worker if it runs; records what the queue looked like then. True if it ran."""
     if not self.alive():
@@ -480,6 +485,7 @@ class WorkerProcess:
       return None
     if self.proc.poll() is None:
       self.proc.send_signal(signal.SIGTERM)
+      self.proc.send_signal(signal.SIGCONT)  # A frozen worker would hold the SIGTERM until then.
     try:
       return self.proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -490,9 +496,12 @@ class WorkerProcess:
 class WorkerKiller:
   """A thread that SIGKILLs the worker K times and restarts it each time: the k-th kill waits
   delays[k] seconds, then fires at the first poll that sees a batch partly answered by the current
-  worker process (an oracle mid-batch), or after `patience` seconds more whatever the queue shows."""
+  worker process (an oracle mid-batch), or after `patience` seconds more whatever the queue shows.
+  patience None: only mid-batch, checked on the frozen worker (SIGSTOP, read the queue, SIGKILL or
+  SIGCONT), so that the worker cannot finish the batch between the look and the kill; a kill that
+  finds no such moment before stop() does not fire."""
 
-  def __init__(self, worker: WorkerProcess, delays: Sequence[float], patience: float = 10.0,
+  def __init__(self, worker: WorkerProcess, delays: Sequence[float], patience: Optional[float] = 10.0,
                poll_s: float = 0.001):
     import threading
     self.worker, self.delays, self.patience, self.poll_s = worker, list(delays), patience, poll_s
@@ -509,19 +518,28 @@ class WorkerKiller:
       for delay in self.delays:
         if self._stop.wait(delay):
           return
-        deadline = time.monotonic() + self.patience
+        deadline = math.inf if self.patience is None else time.monotonic() + self.patience
         while not self._stop.is_set():
-          state = reader.read()
-          if ((state.partly_answered and state.answers > self.worker.answers_at_start)
-              or time.monotonic() >= deadline):
+          if self._mid_batch(reader.read()):
+            if self.patience is not None:
+              break
+            self.worker.freeze(True)
+            if self._mid_batch(reader.read()):
+              break
+            self.worker.freeze(False)
+          elif time.monotonic() >= deadline:
             break
           time.sleep(self.poll_s)
         if self._stop.is_set():
+          self.worker.freeze(False)  # Harmless when it was not frozen.
           return
         self.worker.kill(reader)
         self.worker.start()
     finally:
       reader.close()
+
+  def _mid_batch(self, state) -> bool:
+    return state.partly_answered and state.answers > self.worker.answers_at_start
 
   def stop(self) -> None:
     self._stop.set()
