@@ -2,7 +2,8 @@
 
 token_logprobs (logsumexp minus the one-hot-picked logit) against log_softmax + take_along_axis,
 with and without allowed_tokens, values and gradients; the Dense layer's custom matmul gradient
-against autodiff of jnp.matmul; and the decode loop, which no longer runs a forward pass after its
+against autodiff of jnp.matmul; sample_tokens against jax.random.categorical and the decoder's
+token_logprob against take_along_axis, both exactly; and the decode loop, which no longer runs a forward pass after its
 last token, still records exactly R tokens whose log-probs are the teacher-forced ones.
 """
 import os
@@ -17,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pilaf_jax.batches import PromptBatch  # noqa: E402
 from pilaf_jax.model.llama import Llama, LlamaConfig, _matmul, init_params  # noqa: E402
 from pilaf_jax.model.scoring import masked_log_softmax, response_logprobs, token_logprobs  # noqa: E402
-from pilaf_jax.sampling.decode import DecodeSettings, RowLayout, decode  # noqa: E402
+from pilaf_jax.sampling.decode import DecodeSettings, RowLayout, decode, token_logprob  # noqa: E402
+from pilaf_jax.sampling.mixing import sample_tokens  # noqa: E402
 
 
 def _reference(logits, tokens, allowed):
@@ -51,6 +53,33 @@ def test_matmul_gradient_is_autodiffs():
   plain = jax.grad(lambda x, k: jnp.sum(w * jnp.tanh(x @ k)), argnums=(0, 1))(x, k)
   for a, b in zip(ours, plain):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_sample_tokens_draws_what_categorical_draws():
+  """Same key, same logits: the same token in every row, including ties, -inf and all--inf rows."""
+  sample, categorical = jax.jit(sample_tokens), jax.jit(lambda k, x: jax.random.categorical(k, x, axis=-1))
+  for seed in range(20):
+    k_logits, k_mask, k_draw = jax.random.split(jax.random.key(seed), 3)
+    logits = 4 * jax.random.normal(k_logits, (2, 64, 37))
+    logits = jnp.where(jax.random.uniform(k_mask, logits.shape) < 0.4, -jnp.inf, logits)
+    logits = logits.at[0, 0].set(-jnp.inf).at[0, 1].set(0.0)  # All impossible; all tied.
+    logits = logits.at[0, 2, 5].set(60.0)  # One certain token.
+    ours = sample(k_draw, logits)
+    assert ours.dtype == jnp.int32 and ours.shape == (2, 64)
+    np.testing.assert_array_equal(ours, categorical(k_draw, logits))
+    assert int(ours[0, 2]) == 5
+  # The draws follow softmax(logits): 20,000 one-row draws against the probabilities.
+  logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+  draws = jax.vmap(lambda k: sample_tokens(k, logits))(jax.random.split(jax.random.key(0), 20_000))
+  np.testing.assert_allclose(np.bincount(draws, minlength=4) / 20_000, np.exp(logits), atol=0.015)
+
+
+def test_token_logprob_is_the_gathered_entry():
+  lp = jax.nn.log_softmax(3 * jax.random.normal(jax.random.key(0), (9, 23)), axis=-1)
+  lp = lp.at[4, 7].set(-jnp.inf)
+  tokens = jax.random.randint(jax.random.key(1), (9,), 0, 23).at[4].set(7)
+  np.testing.assert_array_equal(token_logprob(lp, tokens),
+                                jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0])
 
 
 def test_decode_records_every_token_without_the_trailing_forward():

@@ -21,7 +21,7 @@ import numpy as np
 from pilaf_jax.batches import PromptBatch
 from pilaf_jax.model.llama import KVCache, Llama
 from pilaf_jax.model.scoring import masked_log_softmax
-from pilaf_jax.sampling.mixing import filter_logits, mix_logits
+from pilaf_jax.sampling.mixing import filter_logits, mix_logits, sample_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +108,10 @@ def _prefill(model: Llama, params, prompts: PromptBatch, positions, slots: int):
   return logits[:, -1], cache
 
 
-def _token_logprob(logprobs: jax.Array, tokens: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+def token_logprob(logprobs: jax.Array, tokens: jax.Array) -> jax.Array:
+  """logprobs[i, tokens[i]], [N] from [N, V]: a one-hot max, the exact entry (a gather is slower on CPU)."""
+  hit = tokens[:, None] == jax.lax.broadcasted_iota(tokens.dtype, logprobs.shape, 1)
+  return jnp.max(jnp.where(hit, logprobs, -jnp.inf), axis=-1)
 
 
 def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: PromptBatch,
@@ -142,16 +144,16 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
     lp_ref = masked_log_softmax(ref_logits, allowed_tokens) if run_ref else None
     logits = filter_logits(layout_logprobs(layout, lp_pol, lp_ref, mix_coef), settings.temperature,
                            settings.top_k, settings.top_p)
-    token = jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1).astype(jnp.int32)
+    token = sample_tokens(jax.random.fold_in(rng, t), logits)
     token = jnp.where(done, settings.pad_id, token)
     valid = ~done
     new = dict(tokens=token, mask=valid,
-               sampling_logprobs=_token_logprob(jax.nn.log_softmax(logits, axis=-1), token),
+               sampling_logprobs=token_logprob(jax.nn.log_softmax(logits, axis=-1), token),
                policy_logprobs=jnp.zeros((n,), jnp.float32), ref_logprobs=jnp.zeros((n,), jnp.float32))
     if run_policy:
-      new['policy_logprobs'] = new['policy_logprobs'].at[pol_rows].set(_token_logprob(lp_pol, token[pol_rows]))
+      new['policy_logprobs'] = new['policy_logprobs'].at[pol_rows].set(token_logprob(lp_pol, token[pol_rows]))
     if run_ref:
-      new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(_token_logprob(lp_ref, token[ref_rows]))
+      new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(token_logprob(lp_ref, token[ref_rows]))
     out = {k: jax.lax.dynamic_update_index_in_dim(
         out[k], jnp.where(valid, new[k], jax.lax.dynamic_index_in_dim(out[k], t, 1, False)), t, 1)
            for k in out}

@@ -23,6 +23,19 @@ def mix_logits(policy_logits: jax.Array, ref_logits: jax.Array, coef) -> jax.Arr
   return jnp.where(finite, mixed, -jnp.inf)
 
 
+def sample_tokens(key: jax.Array, logits: jax.Array) -> jax.Array:
+  """One draw from softmax(logits) per row, int32 [...] for logits [..., V].
+
+  Token for token what jax.random.categorical(key, logits, axis=-1) draws (the same Gumbel noise, the
+  first index of the maximum), with the argmax as a max and a min: XLA:CPU runs argmax's
+  (value, index) reduction one element at a time, and it cost more than the noise itself.
+  """
+  perturbed = jax.random.gumbel(key, logits.shape, logits.dtype) + logits
+  top = jnp.max(perturbed, axis=-1, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, perturbed.shape, perturbed.ndim - 1)
+  return jnp.min(jnp.where(perturbed == top, index, logits.shape[-1] - 1), axis=-1)
+
+
 def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> jax.Array:
   """Temperature, then top-k, then nucleus (top-p) filtering; removed tokens get -inf.
