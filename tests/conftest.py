@@ -63,11 +63,16 @@ def enumerate_tiny(max_len: int):
   return enumerate_responses(TINY_ALLOWED, EOS, PAD, max_len)
 
 
+# Teacher-forced log-probs as one compiled program (the module is static): run eagerly, flax dispatches
+# every op on its own, seconds per new shape.
+score_responses = jax.jit(response_logprobs, static_argnums=0)
+
+
 def sequence_logprobs(model, params, prompt: PromptBatch, tokens, mask):
   """Teacher-forced log pi(y | x) of every enumerated response for a single prompt ([1, P])."""
   e = tokens.shape[0]
-  lp = response_logprobs(model, params, jnp.repeat(prompt.tokens, e, 0), jnp.repeat(prompt.mask, e, 0),
-                         jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(TINY_ALLOWED))
+  lp = score_responses(model, params, jnp.repeat(prompt.tokens, e, 0), jnp.repeat(prompt.mask, e, 0),
+                       jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(TINY_ALLOWED))
   return np.asarray(lp.sum(-1), np.float64)
 
 
@@ -122,11 +127,15 @@ def tiny_pair():
 
 
 # With --dist=loadfile a test file is the unit of scheduling, so the file that starts last bounds
-# the wall time: the longest files go first (pyproject.toml turns off xdist's reordering). Measured
-# with --durations; a file not listed keeps its place after these.
-SLOWEST_FILES = ('test_resume.py', 'test_notebooks.py', 'test_sharded_equivalence.py', 'test_study.py',
-                 'test_multiprocess_run.py', 'test_object_store.py', 'test_gguf.py', 'test_label_browser.py',
-                 'test_chat_task.py', 'test_library_api.py')
+# the wall time: the longest files go first (pyproject.toml turns off xdist's reordering). Ordered by
+# each file's seconds summed from --durations=0 on 2 cores; a file not listed keeps its place after these.
+SLOWEST_FILES = ('test_resume.py', 'test_notebooks.py', 'test_sharded_equivalence.py', 'test_multiprocess_run.py',
+                 'test_samplers.py', 'test_study.py', 'test_library_api.py', 'test_theory.py',
+                 'test_object_store.py', 'test_scan_layers.py', 'test_pilaf_coin.py', 'test_gguf.py',
+                 'test_cost_accounting.py', 'test_chat_task.py', 'test_sampling.py', 'test_cli.py',
+                 'test_uncached_mixture.py', 'test_label_browser.py', 'test_model.py', 'test_fast_kernels.py',
+                 'test_hf_checkpoints.py', 'test_partitioning.py', 'test_task.py', 'test_memory_report.py',
+                 'test_label_server.py', 'test_label_queue_kill.py', 'test_dpo.py')
 
 
 @pytest.hookimpl(trylast=True)  # After any plugin that shuffles the order.

@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import prompt_batch, tiny_model
+from conftest import prompt_batch, score_responses, tiny_model
 from pilaf_jax.batches import PairBatch, PreferenceBatch, SamplingCost
 from pilaf_jax.learning.dpo import dpo_loss, dpo_step
 from pilaf_jax.learning.train_state import init_train_state, make_optimizer
-from pilaf_jax.model.scoring import response_logprobs
 
 
 def test_dpo_loss_hand_computed():
@@ -42,8 +41,8 @@ def _pairs(model, params, b=8, r=4, seed=0):
   responses = jnp.asarray(rs.randint(3, 11, size=(b, 2, r)), jnp.int32)
   mask = jnp.ones((b, 2, r), bool)
   allowed = None
-  ref_lp = jnp.stack([response_logprobs(model, params, prompts.tokens, prompts.mask, responses[:, i],
-                                        mask[:, i], allowed) for i in (0, 1)], 1)
+  ref_lp = jnp.stack([score_responses(model, params, prompts.tokens, prompts.mask, responses[:, i],
+                                      mask[:, i], allowed) for i in (0, 1)], 1)
   return PairBatch(prompts=prompts, responses=responses, response_mask=mask, policy_logprobs=ref_lp,
                    ref_logprobs=ref_lp, source=jnp.zeros((b, 2), jnp.int8), cost=SamplingCost.zero())
 

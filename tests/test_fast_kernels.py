@@ -86,12 +86,13 @@ def test_decode_records_every_token_without_the_trailing_forward():
   cfg = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                     num_kv_heads=1)
   model = Llama(cfg)
-  params = init_params(cfg, jax.random.key(0))
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))  # Eager init: seconds.
   prompts = PromptBatch(jax.random.randint(jax.random.key(1), (3, 4), 0, 16), jnp.ones((3, 4), bool))
   for r in (1, 5):
     out = jax.jit(lambda p: decode(model, model, p, p, prompts, jnp.zeros((0,)), jax.random.key(2),
                                    layout=RowLayout(policy_only=3),
                                    settings=DecodeSettings(max_new_tokens=r, eos_ids=-1)))(params)
     assert int(out.steps) == r and bool(out.mask.all())
-    lp = response_logprobs(model, params, prompts.tokens, prompts.mask, out.tokens, out.mask)
+    lp = jax.jit(response_logprobs, static_argnums=0)(model, params, prompts.tokens, prompts.mask, out.tokens,
+                                                       out.mask)
     np.testing.assert_allclose(lp, out.policy_logprobs, atol=1e-5)

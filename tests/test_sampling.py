@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import (EOS, PAD, TINY_ALLOWED, chi2_pvalue, enumerate_tiny, prompt_batch, response_ids,
-                      sequence_logprobs, tiny_model, token_mixture_probs)
-from pilaf_jax.model.scoring import response_logprobs
+                      score_responses, sequence_logprobs, tiny_model, token_mixture_probs)
 from pilaf_jax.sampling import DecodeSettings, RowLayout, decode, filter_logits, mix_logits
 
 _decode = jax.jit(decode, static_argnames=('policy', 'ref', 'layout', 'settings'))
@@ -63,8 +62,8 @@ def test_sampler_logprobs_equal_teacher_forced(tiny_pair):
   ro = _decode(policy, ref, pp, rp, prompts, coef, jax.random.key(0), layout=layout,
                settings=_settings(6), allowed_tokens=jnp.asarray(TINY_ALLOWED))
   allowed = jnp.asarray(TINY_ALLOWED)
-  tf_policy = response_logprobs(policy, pp, prompts.tokens, prompts.mask, ro.tokens, ro.mask, allowed)
-  tf_ref = response_logprobs(ref, rp, prompts.tokens, prompts.mask, ro.tokens, ro.mask, allowed)
+  tf_policy = score_responses(policy, pp, prompts.tokens, prompts.mask, ro.tokens, ro.mask, allowed)
+  tf_ref = score_responses(ref, rp, prompts.tokens, prompts.mask, ro.tokens, ro.mask, allowed)
   np.testing.assert_allclose(ro.policy_logprobs[:7], tf_policy[:7], atol=1e-5)
   np.testing.assert_allclose(ro.ref_logprobs[3:], tf_ref[3:], atol=1e-5)
   assert (ro.policy_logprobs[7:] == 0).all() and (ro.ref_logprobs[:3] == 0).all()
