@@ -8,7 +8,8 @@ import tempfile
 # the runs they start, which inherit this environment) compile at LLVM optimisation level 0 (its passes
 # are the bulk of XLA:CPU's compile time) and with XLA:CPU's older elemental fusion emitters instead of
 # the MLIR ones (which cost more at level 0): a cold `main` run of configs/tiny.py takes 21.6 s of CPU at
-# XLA's defaults, 13.9 s at level 0, 9.9 s with both. Same programs, results within float rounding. Benchmarks and users keep XLA's defaults. Set before jax compiles.
+# XLA's defaults, 13.9 s at level 0, 9.9 s with both. Same programs, results within float rounding.
+# Benchmarks and users keep XLA's defaults. Set before jax compiles.
 for _flag in ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false'):
   if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()

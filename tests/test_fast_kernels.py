@@ -3,8 +3,9 @@
 token_logprobs (logsumexp minus the one-hot-picked logit) against log_softmax + take_along_axis,
 with and without allowed_tokens, values and gradients; the Dense layer's custom matmul gradient
 against autodiff of jnp.matmul; sample_tokens against jax.random.categorical and the decoder's
-token_logprob against take_along_axis, both exactly; and the decode loop, which no longer runs a forward pass after its
-last token, still records exactly R tokens whose log-probs are the teacher-forced ones.
+token_logprob against take_along_axis, both exactly; and the decode loop, which no longer runs a
+forward pass after its last token, still records exactly R tokens whose log-probs are the
+teacher-forced ones.
 """
 import os
 import sys

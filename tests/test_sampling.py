@@ -1,13 +1,11 @@
 """mix_logits, sampling filters and the two-model decode loop."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import (EOS, PAD, TINY_ALLOWED, chi2_pvalue, enumerate_tiny, prompt_batch, response_ids,
-                      score_responses, sequence_logprobs, tiny_model, token_mixture_probs)
+                      score_responses, sequence_logprobs, token_mixture_probs)
 from pilaf_jax.sampling import DecodeSettings, RowLayout, decode, filter_logits, mix_logits
 
 _decode = jax.jit(decode, static_argnames=('policy', 'ref', 'layout', 'settings'))
