@@ -11,6 +11,7 @@ masked CRC-32C of the bytes, all little-endian. Event fields: 1 wall_time (doubl
 """
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import struct
@@ -84,8 +85,14 @@ class ScalarEventWriter:
   def __init__(self, logdir: str):
     os.makedirs(logdir, exist_ok=True)
     now = time.time()
-    self.path = os.path.join(logdir, f'events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}')
-    self._file = open(self.path, 'ab')
+    base = os.path.join(logdir, f'events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}')
+    for i in itertools.count():  # A file of its own, even for two writers opened in the same second.
+      self.path = base if i == 0 else f'{base}.{i}'
+      try:
+        self._file = open(self.path, 'xb')
+        break
+      except FileExistsError:
+        continue
     self._file.write(tfrecord(_event(now, 0, file_version='brain.Event:2')))
     self.flush()
 

@@ -59,6 +59,17 @@ def test_scalars_parse_as_event_protos(tmp_path):
     assert abs(event.wall_time - events[0].wall_time) < 60
 
 
+def test_writers_opened_together_get_their_own_files(tmp_path):
+  writers = [tensorboard_events.ScalarEventWriter(str(tmp_path)) for _ in range(3)]
+  for i, w in enumerate(writers):
+    w.add_scalar('x', float(i), i)
+    w.close()
+  assert len({w.path for w in writers}) == 3 and len(os.listdir(tmp_path)) == 3
+  for i, w in enumerate(writers):
+    (event,) = [event_pb2.Event.FromString(r) for r in _records(w.path)][1:]
+    assert (event.step, event.summary.value[0].simple_value) == (i, float(i))
+
+
 def test_metrics_writer_logs_without_importing_torch(tmp_path):
   code = (f'import sys; sys.path.insert(0, {REPO!r})\n'
           'from pilaf_jax.metrics_writer import MetricsWriter\n'
