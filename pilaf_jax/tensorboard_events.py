@@ -17,6 +17,8 @@ import socket
 import struct
 import time
 
+import numpy as np
+
 
 def _crc32c_table() -> list[int]:
   table = []
@@ -69,7 +71,9 @@ def _event(wall_time: float, step: int, *, file_version: str = '', summary: byte
 
 def scalar_summary(tag: str, value: float) -> bytes:
   """A Summary holding one scalar."""
-  entry = _bytes_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack('<f', value)
+  with np.errstate(over='ignore'):  # A finite value beyond float32's range is logged as +-inf.
+    as_float32 = np.asarray(value, '<f4').tobytes()
+  entry = _bytes_field(1, tag.encode()) + _varint(2 << 3 | 5) + as_float32
   return _bytes_field(1, entry)
 
 

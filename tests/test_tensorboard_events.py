@@ -43,7 +43,7 @@ def test_crc32c_check_values():
 def test_scalars_parse_as_event_protos(tmp_path):
   writer = tensorboard_events.ScalarEventWriter(str(tmp_path))
   values = [('J', 0.703125, 0), ('train/dpo_loss', -1.5e-7, 3), ('labels_used', 320.0, 2**40),
-            ('time/sample_s', float('inf'), -2)]
+            ('time/sample_s', float('inf'), -2), ('overflow', -1e40, 5), ('nan', float('nan'), 6)]
   for tag, value, step in values:
     writer.add_scalar(tag, value, step)
   writer.close()
@@ -55,7 +55,10 @@ def test_scalars_parse_as_event_protos(tmp_path):
   for event, (tag, value, step) in zip(events[1:], values):
     (entry,) = event.summary.value
     assert (entry.tag, event.step) == (tag, step)
-    assert entry.simple_value == np.float32(value)
+    if np.isnan(value):
+      assert np.isnan(entry.simple_value)
+    else:
+      assert entry.simple_value == (np.float32(value) if abs(value) < 1e38 else np.copysign(np.inf, value))
     assert abs(event.wall_time - events[0].wall_time) < 60
 
 
