@@ -36,9 +36,9 @@ for the policy; the uncached mixture counts the work it did (the whole prefix at
 
 CPU devices (--jax-devices, default 1,2 on a machine with two or more cores): a decode step is a chain
 of small kernels that XLA:CPU runs one after another, mostly on one thread (turning off XLA's
-multi-threaded Eigen does not slow it), while torch splits every op over its threads. Splitting the batch rows over a ('data',) mesh of N forced host
-devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, the same mesh and shardings as
-config.mesh.data=N) runs the rows' halves side by side; each N is timed as its own side of the same
+multi-threaded Eigen does not slow it), while torch splits every op over its threads. Splitting the
+batch rows over a ('data',) mesh of N forced host devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=N, the same mesh and shardings as config.mesh.data=N) runs the rows' halves side by side; each N is timed as its own side of the same
 alternation and gets its own ratio. Both are pilaf_jax's ordinary sharded program (sharded =
 unsharded is tested in tests/test_sharded_equivalence.py).
 

@@ -10,7 +10,8 @@ import tempfile
 # the MLIR ones (which cost more at level 0): a cold `main` run of configs/tiny.py takes 21.6 s of CPU at
 # XLA's defaults, 13.9 s at level 0, 9.9 s with both. Same programs, results within float rounding.
 # Benchmarks and users keep XLA's defaults. Set before jax compiles.
-for _flag in ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false'):
+TEST_XLA_FLAGS = ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false')
+for _flag in TEST_XLA_FLAGS:
   if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 # One persistent compilation cache for the whole session (xdist workers and the runs tests launch

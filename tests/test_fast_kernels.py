@@ -3,7 +3,7 @@
 token_logprobs (logsumexp minus the one-hot-picked logit) against log_softmax + take_along_axis,
 with and without allowed_tokens, values and gradients; the Dense layer's custom matmul gradient
 against autodiff of jnp.matmul; sample_tokens against jax.random.categorical and the decoder's
-token_logprob against take_along_axis, both exactly; and the decode loop, which no longer runs a
+pick_tokens (the decoders' token pick) against take_along_axis, both exactly; and the decode loop, which no longer runs a
 forward pass after its last token, still records exactly R tokens whose log-probs are the
 teacher-forced ones.
 """
@@ -16,10 +16,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from conftest import score_responses  # noqa: E402
 from pilaf_jax.batches import PromptBatch  # noqa: E402
 from pilaf_jax.model.llama import Llama, LlamaConfig, _matmul, init_params  # noqa: E402
-from pilaf_jax.model.scoring import masked_log_softmax, response_logprobs, token_logprobs  # noqa: E402
-from pilaf_jax.sampling.decode import DecodeSettings, RowLayout, decode, token_logprob  # noqa: E402
+from pilaf_jax.model.scoring import masked_log_softmax, pick_tokens, token_logprobs  # noqa: E402
+from pilaf_jax.sampling.decode import DecodeSettings, RowLayout, decode  # noqa: E402
 from pilaf_jax.sampling.mixing import sample_tokens  # noqa: E402
 
 
@@ -75,11 +76,11 @@ def test_sample_tokens_draws_what_categorical_draws():
   np.testing.assert_allclose(np.bincount(draws, minlength=4) / 20_000, np.exp(logits), atol=0.015)
 
 
-def test_token_logprob_is_the_gathered_entry():
+def test_pick_tokens_is_the_gathered_entry():
   lp = jax.nn.log_softmax(3 * jax.random.normal(jax.random.key(0), (9, 23)), axis=-1)
   lp = lp.at[4, 7].set(-jnp.inf)
   tokens = jax.random.randint(jax.random.key(1), (9,), 0, 23).at[4].set(7)
-  np.testing.assert_array_equal(token_logprob(lp, tokens),
+  np.testing.assert_array_equal(pick_tokens(lp, tokens),
                                 jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0])
 
 
@@ -94,6 +95,5 @@ def test_decode_records_every_token_without_the_trailing_forward():
                                    layout=RowLayout(policy_only=3),
                                    settings=DecodeSettings(max_new_tokens=r, eos_ids=-1)))(params)
     assert int(out.steps) == r and bool(out.mask.all())
-    lp = jax.jit(response_logprobs, static_argnums=0)(model, params, prompts.tokens, prompts.mask, out.tokens,
-                                                       out.mask)
+    lp = score_responses(model, params, prompts.tokens, prompts.mask, out.tokens, out.mask)
     np.testing.assert_allclose(lp, out.policy_logprobs, atol=1e-5)

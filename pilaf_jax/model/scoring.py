@@ -20,6 +20,16 @@ def masked_log_softmax(logits: jax.Array, allowed_tokens: Optional[jax.Array]) -
   return jax.nn.log_softmax(logits, axis=-1)
 
 
+def pick_tokens(values: jax.Array, tokens: jax.Array) -> jax.Array:
+  """values[..., tokens]: [..., V] and [...] -> [...], the exact entries, picked with a one-hot max.
+
+  Not a gather: its gradient is a scatter-add, and on CPU it is slower even forward. A -inf entry
+  stays -inf (a one-hot where-sum would give nan there).
+  """
+  hit = tokens[..., None] == jnp.arange(values.shape[-1], dtype=tokens.dtype)
+  return jnp.max(jnp.where(hit, values, -jnp.inf), axis=-1)
+
+
 def token_logprobs(logits: jax.Array, tokens: jax.Array,
                    allowed_tokens: Optional[jax.Array] = None) -> jax.Array:
   """log_softmax(logits)[..., tokens] (restricted to allowed_tokens), without the full log_softmax.
@@ -31,11 +41,7 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array,
   """
   if allowed_tokens is not None:
     logits = jnp.where(allowed_tokens, logits, -jnp.inf)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  hit = tokens[..., None] == jnp.arange(logits.shape[-1], dtype=tokens.dtype)
-  # The max of the picked entry: -inf for a disallowed token (a where-sum would give nan there).
-  picked = jnp.max(jnp.where(hit, logits, -jnp.inf), axis=-1)
-  return picked - lse
+  return pick_tokens(logits, tokens) - jax.nn.logsumexp(logits, axis=-1)
 
 
 def sequence_inputs(prompt_tokens, prompt_mask, response_tokens, response_mask):

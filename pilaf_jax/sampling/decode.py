@@ -20,7 +20,7 @@ import numpy as np
 
 from pilaf_jax.batches import PromptBatch
 from pilaf_jax.model.llama import KVCache, Llama
-from pilaf_jax.model.scoring import masked_log_softmax
+from pilaf_jax.model.scoring import masked_log_softmax, pick_tokens
 from pilaf_jax.sampling.mixing import filter_logits, mix_logits, sample_tokens
 
 
@@ -108,12 +108,6 @@ def _prefill(model: Llama, params, prompts: PromptBatch, positions, slots: int):
   return logits[:, -1], cache
 
 
-def token_logprob(logprobs: jax.Array, tokens: jax.Array) -> jax.Array:
-  """logprobs[i, tokens[i]], [N] from [N, V]: a one-hot max, the exact entry (a gather is slower on CPU)."""
-  hit = tokens[:, None] == jax.lax.broadcasted_iota(tokens.dtype, logprobs.shape, 1)
-  return jnp.max(jnp.where(hit, logprobs, -jnp.inf), axis=-1)
-
-
 def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: PromptBatch,
            mix_coef: jax.Array, rng: jax.Array, *, layout: RowLayout, settings: DecodeSettings,
            allowed_tokens: Optional[jax.Array] = None) -> Rollout:
@@ -148,12 +142,12 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
     token = jnp.where(done, settings.pad_id, token)
     valid = ~done
     new = dict(tokens=token, mask=valid,
-               sampling_logprobs=token_logprob(jax.nn.log_softmax(logits, axis=-1), token),
+               sampling_logprobs=pick_tokens(jax.nn.log_softmax(logits, axis=-1), token),
                policy_logprobs=jnp.zeros((n,), jnp.float32), ref_logprobs=jnp.zeros((n,), jnp.float32))
     if run_policy:
-      new['policy_logprobs'] = new['policy_logprobs'].at[pol_rows].set(token_logprob(lp_pol, token[pol_rows]))
+      new['policy_logprobs'] = new['policy_logprobs'].at[pol_rows].set(pick_tokens(lp_pol, token[pol_rows]))
     if run_ref:
-      new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(token_logprob(lp_ref, token[ref_rows]))
+      new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(pick_tokens(lp_ref, token[ref_rows]))
     out = {k: jax.lax.dynamic_update_index_in_dim(
         out[k], jnp.where(valid, new[k], jax.lax.dynamic_index_in_dim(out[k], t, 1, False)), t, 1)
            for k in out}

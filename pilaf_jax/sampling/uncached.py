@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from pilaf_jax.batches import PromptBatch
 from pilaf_jax.model.llama import Llama
-from pilaf_jax.model.scoring import masked_log_softmax
-from pilaf_jax.sampling.decode import DecodeSettings, Rollout, RowLayout, layout_logprobs, token_logprob
+from pilaf_jax.model.scoring import masked_log_softmax, pick_tokens
+from pilaf_jax.sampling.decode import DecodeSettings, Rollout, RowLayout, layout_logprobs
 from pilaf_jax.sampling.mixing import filter_logits, sample_tokens
 
 
@@ -82,13 +82,13 @@ def decode_uncached(policy: Llama, ref: Llama, policy_params, ref_params, prompt
       token = jnp.where(done, settings.pad_id, token)
       live = ~done
       new = dict(tokens=token, mask=live,
-                 sampling_logprobs=token_logprob(jax.nn.log_softmax(logits, axis=-1), token),
+                 sampling_logprobs=pick_tokens(jax.nn.log_softmax(logits, axis=-1), token),
                  policy_logprobs=jnp.zeros((n,), jnp.float32), ref_logprobs=jnp.zeros((n,), jnp.float32))
       if run_policy:
         new['policy_logprobs'] = new['policy_logprobs'].at[pol_rows].set(
-            token_logprob(lp_pol, token[pol_rows]))
+            pick_tokens(lp_pol, token[pol_rows]))
       if run_ref:
-        new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(token_logprob(lp_ref, token[ref_rows]))
+        new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(pick_tokens(lp_ref, token[ref_rows]))
       out = {k: out[k].at[:, t].set(jnp.where(live, new[k], out[k][:, t])) for k in out}
       done = done | settings.is_stop(token)
       # Append the sampled token at slot P + t (invalid for rows that had already ended).
