@@ -187,6 +187,80 @@ def test_assignments_expire(path):
   q.close()
 
 
+def test_a_skip_nobody_else_may_answer_comes_back_to_the_skipper(path):
+  """k=2 with two labellers: bob's skip would leave a query nobody may answer (the run would wait
+  forever); it comes back to bob once he has nothing else, his answer replaces the skip, and the
+  batch resolves."""
+  q = queue_of(path, queries(3), ('alice', 'bob'), answers_per_query=2)
+  first = q.next_query('bob')
+  assert q.answer(first.query_id, 'bob', 'skip')['resolved'] is False
+  assert q.waiting('b')[0] == {'query_id': first.query_id, 'batch_key': 'b', 'row': 0, 'deciding': 0,
+                               'needed': 2, 'holders': [], 'skipped_by': ['bob'], 'may_answer': ['alice'],
+                               'stuck': True}
+  assert q.next_query('bob').row == 1  # New work first.
+  for name in ('alice', 'bob'):
+    while (query := q.next_query(name)) is not None and not q.skipped(query.query_id, name):
+      q.answer(query.query_id, name, 'a')
+  # Alice has answered everything; bob is offered his skipped query again.
+  assert q.next_query('alice') is None
+  again = q.next_query('bob')
+  assert again == first and q.skipped(first.query_id, 'bob')
+  assert q.next_query('bob') == first  # A reload shows it again.
+  assert q.answer(first.query_id, 'bob', 'b')['resolved'] is True
+  assert resolution(path, first.query_id) == (1, int(lq.tie_coin(first.query_id)), 'coin')  # a and b.
+  np.testing.assert_array_equal(q.resolved_labels('b'), [lq.tie_coin(first.query_id), True, True])
+  assert [a['choice'] for a in q.answers('bob')] == ['a', 'a', 'b']  # The skip is replaced, not doubled.
+  assert q.counts() == {'queries': 3, 'resolved': 3, 'answers': 6, 'excess_answers': 0}
+  assert q.waiting() == []
+  with pytest.raises(AlreadyAnswered):
+    q.answer(first.query_id, 'bob', 'a')
+  q.close()
+
+
+def test_a_skip_others_may_answer_is_not_offered_again(path):
+  q = queue_of(path, queries(1), ('alice', 'bob', 'carol'), answers_per_query=2)
+  qid = q.next_query('bob').query_id
+  q.answer(qid, 'bob', 'skip')
+  with pytest.raises(AlreadyAnswered):  # Skipping twice without the query coming back: a replay.
+    q.answer(qid, 'bob', 'skip')
+  q.answer(q.next_query('alice').query_id, 'alice', 'a')
+  assert q.next_query('bob') is None  # Carol may still answer it.
+  [w] = q.waiting()
+  assert (w['deciding'], w['may_answer'], w['skipped_by'], w['stuck']) == (1, ['carol'], ['bob'], False)
+  # The owner hands it to bob anyway: he gets it next, and his answer replaces his skip.
+  q.reassign(qid, 'bob')
+  assert q.next_query('bob').query_id == qid
+  assert q.answer(qid, 'bob', 'b')['resolved'] is True
+  assert resolution(path, qid) == (1, int(lq.tie_coin(qid)), 'coin')  # One a, one b: the coin.
+  q.close()
+
+
+def test_owner_drops_and_reassigns_with_clear_refusals(path):
+  q = queue_of(path, queries(3, rewards=[(1.0, 0.0)] * 3), ('alice', 'bob'), answers_per_query=2)
+  oracle = q.add_oracle_labeller('deterministic')
+  q0 = q.next_query('alice').query_id
+  q.answer(q0, 'alice', 'b')
+  assert q.drop(q0) == {'query_id': q0, 'resolved': True, 'a_preferred': False}  # From alice's 'b'.
+  assert resolution(path, q0) == (1, 0, 'dropped')
+  q1 = q.next_query('alice').query_id
+  assert q.drop(q1)['a_preferred'] == lq.tie_coin(q1)  # No deciding answer: the coin.
+  q2 = q.next_query('alice').query_id
+  q.answer(q2, 'alice', 'a')
+  before = dump(path)
+  for call, error in [(lambda: q.drop(q0), QueryResolved), (lambda: q.drop(2**63), UnknownQuery),
+                      (lambda: q.drop(-1), UnknownQuery), (lambda: q.drop(10**6), UnknownQuery),
+                      (lambda: q.reassign(q2, 'alice'), AlreadyAnswered),
+                      (lambda: q.reassign(q2, 'nobody'), UnknownLabeller),
+                      (lambda: q.reassign(q2, oracle), QueueError),
+                      (lambda: q.reassign(q0, 'bob'), QueryResolved),
+                      (lambda: q.answer(2**63, 'bob', 'a'), UnknownQuery),
+                      (lambda: q.get_query(2**64), UnknownQuery)]:
+    with pytest.raises(error):
+      call()
+    assert dump(path) == before
+  q.close()
+
+
 def test_tokens_are_hashed_and_replaced(path):
   q = LabelQueue(path)
   token = q.add_labeller('alice')

@@ -25,6 +25,12 @@ deciding answers plus live assignments to others are fewer than `answers_per_que
 assignment durably. An assignment unanswered for `assignment_timeout_s` expires: the query goes to
 someone else, and a late answer from the first labeller is still accepted while the query is
 unresolved (it is never lost; once the query is resolved it gets QueryResolved).
+
+Skips: a skip is stored as that labeller's answer and hands the query to someone else. When nobody
+else may answer it any more (every other labeller has answered it, so its deciding answers can never
+reach answers_per_query without the skipper), it is offered again to the skipper once they have
+nothing else to do, and their next answer replaces the skip. The run owner sees such queries
+(`waiting()`) and can `drop()` one (resolve it from the answers in) or `reassign()` it to someone.
 """
 from __future__ import annotations
 
@@ -130,6 +136,16 @@ class QueryResolved(QueueError):
 
 class BadChoice(QueueError):
   http_status = 400  # Not in CHOICES, or 'tie' while ties are off.
+
+
+MAX_QUERY_ID = 2**63 - 1  # SQLite's INTEGER range: a larger id is no query.
+
+
+def _query_id(query_id) -> int:
+  """A query id as SQLite can hold it; UnknownQuery for anything out of range."""
+  if isinstance(query_id, bool) or not isinstance(query_id, (int, np.integer)) or not 0 <= query_id <= MAX_QUERY_ID:
+    raise UnknownQuery(f'No query {query_id!r}: ids are integers in [0, 2**63).')
+  return int(query_id)
 
 
 class QueueSettingsMismatch(QueueError):
@@ -405,7 +421,7 @@ class LabelQueue:
   # --- the labeller side ---
   def _query(self, db: sqlite3.Connection, query_id: int) -> Query:
     row = db.execute(f'SELECT {",".join(_QUERY_FIELDS)} FROM queue_queries WHERE query_id=?',
-                     (int(query_id),)).fetchone()
+                     (_query_id(query_id),)).fetchone()
     if row is None:
       raise UnknownQuery(f'No query {query_id}.')
     return Query(*row)
@@ -440,6 +456,17 @@ class LabelQueue:
             f'AND {open_slot} ORDER BY q.query_id LIMIT 1',
             (labeller, labeller, cutoff, self.answers_per_query)).fetchone()
       if row is None:
+        # Nothing new: a query it skipped that nobody else may answer any more (every other labeller
+        # has answered it) comes back, or the run would wait for it forever.
+        row = db.execute(
+            'SELECT q.query_id FROM queue_queries q JOIN queue_answers s ON s.query_id=q.query_id '
+            "WHERE q.resolved=0 AND s.labeller=? AND s.choice='skip' "
+            "AND (SELECT COUNT(*) FROM queue_answers x WHERE x.query_id=q.query_id AND x.choice!='skip') "
+            '+ (SELECT COUNT(*) FROM queue_labellers l WHERE l.name!=? AND NOT EXISTS '
+            '(SELECT 1 FROM queue_answers y WHERE y.query_id=q.query_id AND y.labeller=l.name)) < ? '
+            f'AND {open_slot} ORDER BY q.query_id LIMIT 1',
+            (labeller, labeller, self.answers_per_query, labeller, cutoff, self.answers_per_query)).fetchone()
+      if row is None:
         return None
       db.execute('INSERT OR REPLACE INTO queue_assignments VALUES (?, ?, ?)', (row[0], labeller, now))
       return self._query(db, row[0])
@@ -464,39 +491,132 @@ class LabelQueue:
     if choice == 'tie' and not self.allow_ties:
       raise BadChoice("choice='tie' is off for this run (labelling.allow_ties=False); answer 'a', 'b' "
                       "or 'skip'.")
+    query_id = _query_id(query_id)
     with self._write(fsync=need_assignment) as db:  # See _write: function oracles skip the fsync.
       is_oracle = self._require_labeller(db, labeller)
       if not need_assignment and not is_oracle:
         raise NotAssigned(f'{labeller!r} is not a function oracle; people answer queries assigned to them.')
-      query = db.execute('SELECT resolved FROM queue_queries WHERE query_id=?', (int(query_id),)).fetchone()
+      query = db.execute('SELECT resolved FROM queue_queries WHERE query_id=?', (query_id,)).fetchone()
       if query is None:
         raise UnknownQuery(f'No query {query_id}.')
-      if db.execute('SELECT 1 FROM queue_answers WHERE query_id=? AND labeller=?',
-                    (int(query_id), labeller)).fetchone():
+      prior = db.execute('SELECT choice FROM queue_answers WHERE query_id=? AND labeller=?',
+                         (query_id, labeller)).fetchone()
+      held = need_assignment and db.execute('SELECT 1 FROM queue_assignments WHERE query_id=? AND labeller=?',
+                                            (query_id, labeller)).fetchone() is not None
+      # A skip is replaced only by an answer to the same query offered again (see the module doc).
+      if prior is not None and not (prior[0] == 'skip' and held):
         raise AlreadyAnswered(f'{labeller!r} has answered query {query_id} already.')
       if query[0]:
         raise QueryResolved(f'Query {query_id} has all its answers already.')
-      if need_assignment and not db.execute('SELECT 1 FROM queue_assignments WHERE query_id=? AND labeller=?',
-                                            (int(query_id), labeller)).fetchone():
+      if need_assignment and not held:
         raise NotAssigned(f'Query {query_id} is not assigned to {labeller!r}; ask for the next query.')
       now = time.time()
+      if prior is not None:
+        db.execute('DELETE FROM queue_answers WHERE query_id=? AND labeller=?', (query_id, labeller))
       db.execute('INSERT INTO queue_answers (query_id, labeller, choice, time) VALUES (?, ?, ?, ?)',
-                 (int(query_id), labeller, choice, now))
-      db.execute('DELETE FROM queue_assignments WHERE query_id=? AND labeller=?', (int(query_id), labeller))
-      votes = dict.fromkeys(CHOICES, 0)
-      for c, n in db.execute('SELECT choice, COUNT(*) FROM queue_answers WHERE query_id=? GROUP BY choice',
-                             (int(query_id),)):
-        votes[c] = n
-      if votes['a'] + votes['b'] + votes['tie'] < self.answers_per_query:
-        return {'query_id': int(query_id), 'resolved': False, 'a_preferred': None}
-      if votes['a'] != votes['b']:
-        a_preferred, how = votes['a'] > votes['b'], 'majority'
-      else:
-        a_preferred, how = tie_coin(query_id), 'coin'
-      db.execute('UPDATE queue_queries SET resolved=1, a_preferred=?, resolution=?, resolved_time=? '
-                 'WHERE query_id=?', (int(a_preferred), how, now, int(query_id)))
-      db.execute('DELETE FROM queue_assignments WHERE query_id=?', (int(query_id),))
-      return {'query_id': int(query_id), 'resolved': True, 'a_preferred': bool(a_preferred)}
+                 (query_id, labeller, choice, now))
+      db.execute('DELETE FROM queue_assignments WHERE query_id=? AND labeller=?', (query_id, labeller))
+      return self._resolve_if_complete(db, query_id, now)
+
+  def _votes(self, db: sqlite3.Connection, query_id: int) -> dict:
+    votes = dict.fromkeys(CHOICES, 0)
+    for c, n in db.execute('SELECT choice, COUNT(*) FROM queue_answers WHERE query_id=? GROUP BY choice',
+                           (query_id,)):
+      votes[c] = n
+    return votes
+
+  def _resolve_if_complete(self, db: sqlite3.Connection, query_id: int, now: float,
+                           force: bool = False) -> dict:
+    """Resolves the query once answers_per_query deciding answers are in (or now, when `force`)."""
+    votes = self._votes(db, query_id)
+    if not force and votes['a'] + votes['b'] + votes['tie'] < self.answers_per_query:
+      return {'query_id': query_id, 'resolved': False, 'a_preferred': None}
+    if votes['a'] != votes['b']:
+      a_preferred, how = votes['a'] > votes['b'], 'majority'
+    else:
+      a_preferred, how = tie_coin(query_id), 'coin'
+    if force:
+      how = 'dropped'
+    db.execute('UPDATE queue_queries SET resolved=1, a_preferred=?, resolution=?, resolved_time=? '
+               'WHERE query_id=?', (int(a_preferred), how, now, query_id))
+    db.execute('DELETE FROM queue_assignments WHERE query_id=?', (query_id,))
+    return {'query_id': query_id, 'resolved': True, 'a_preferred': bool(a_preferred)}
+
+  # --- the run owner's hand on queries that wait ---
+  def waiting(self, batch_key: Optional[str] = None, limit: int = 50) -> list[dict]:
+    """Unresolved queries (of one batch, or all) and who may still answer them, stuck ones first.
+
+    Each: query_id, batch_key, row, deciding (answers other than skips), needed (answers_per_query),
+    holders (live assignments), skipped_by, may_answer (labellers who have not answered it), and
+    stuck: the answers still needed exceed the labellers who may give them, so only a skipper (it is
+    offered to them again) or the owner (drop / reassign) can finish it.
+    """
+    cutoff = time.time() - self.assignment_timeout_s
+    with self._read() as db:
+      sql = 'SELECT query_id, batch_key, row FROM queue_queries WHERE resolved=0'
+      args: tuple = ()
+      if batch_key is not None:
+        sql, args = sql + ' AND batch_key=?', (batch_key,)
+      queries = db.execute(sql + ' ORDER BY query_id', args).fetchall()
+      names = [r[0] for r in db.execute('SELECT name FROM queue_labellers ORDER BY name')]
+      answers: dict = {}
+      holders: dict = {}
+      if queries:
+        first = queries[0][0]
+        for qid, name, choice in db.execute('SELECT query_id, labeller, choice FROM queue_answers '
+                                            'WHERE query_id>=? ORDER BY answer_id', (first,)):
+          answers.setdefault(qid, {})[name] = choice
+        for qid, name in db.execute('SELECT query_id, labeller FROM queue_assignments WHERE query_id>=? '
+                                    'AND assigned>? ORDER BY labeller', (first, cutoff)):
+          holders.setdefault(qid, []).append(name)
+    out = []
+    for qid, key, row in queries:
+      given = answers.get(qid, {})
+      deciding = sum(c != 'skip' for c in given.values())
+      may_answer = [n for n in names if n not in given]
+      out.append({'query_id': qid, 'batch_key': key, 'row': row, 'deciding': deciding,
+                  'needed': self.answers_per_query, 'holders': holders.get(qid, []),
+                  'skipped_by': sorted(n for n, c in given.items() if c == 'skip'), 'may_answer': may_answer,
+                  'stuck': deciding + len(may_answer) < self.answers_per_query})
+    out.sort(key=lambda w: (not w['stuck'], w['query_id']))
+    return out[:limit]
+
+  def drop(self, query_id: int) -> dict:
+    """Stops waiting for a query: resolves it now from the deciding answers it has (the majority;
+    the query's coin on a draw or when it has none), recorded as resolution 'dropped'. Returns what
+    answer() returns; UnknownQuery / QueryResolved otherwise."""
+    query_id = _query_id(query_id)
+    with self._write() as db:
+      row = db.execute('SELECT resolved FROM queue_queries WHERE query_id=?', (query_id,)).fetchone()
+      if row is None:
+        raise UnknownQuery(f'No query {query_id}.')
+      if row[0]:
+        raise QueryResolved(f'Query {query_id} has all its answers already.')
+      return self._resolve_if_complete(db, query_id, time.time(), force=True)
+
+  def reassign(self, query_id: int, labeller: str) -> None:
+    """Gives `labeller` (a person who has not given a deciding answer to it) the query on their next
+    fetch, whatever the other assignments; a skip of theirs is replaced by their answer."""
+    query_id = _query_id(query_id)
+    with self._write() as db:
+      if self._require_labeller(db, labeller):
+        raise QueueError(f'{labeller!r} is a function oracle; reassign to a person.')
+      row = db.execute('SELECT resolved FROM queue_queries WHERE query_id=?', (query_id,)).fetchone()
+      if row is None:
+        raise UnknownQuery(f'No query {query_id}.')
+      if row[0]:
+        raise QueryResolved(f'Query {query_id} has all its answers already.')
+      prior = db.execute('SELECT choice FROM queue_answers WHERE query_id=? AND labeller=?',
+                         (query_id, labeller)).fetchone()
+      if prior is not None and prior[0] != 'skip':
+        raise AlreadyAnswered(f'{labeller!r} has answered query {query_id} already.')
+      db.execute('INSERT OR REPLACE INTO queue_assignments VALUES (?, ?, ?)', (query_id, labeller, time.time()))
+
+  def skipped(self, query_id: int, labeller: str) -> bool:
+    """Whether the labeller's answer to the query is a skip (it is being offered to them again)."""
+    row = self._db.execute('SELECT choice FROM queue_answers WHERE query_id=? AND labeller=?',
+                           (_query_id(query_id), labeller)).fetchone()
+    return row is not None and row[0] == 'skip'
 
   def oracle_work(self, batch_key: str, labeller: str) -> Optional[OracleWork]:
     """A batch's stored rewards and the unresolved queries `labeller` has not answered (None when the
