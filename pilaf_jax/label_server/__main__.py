@@ -10,6 +10,7 @@ The server binds to localhost unless --host names another interface, which also 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 
@@ -27,6 +28,9 @@ def _serve_parser() -> argparse.ArgumentParser:
   p.add_argument('--allow-remote', '--allow_remote', dest='allow_remote', action='store_true',
                  help='Required to bind to anything but localhost.')
   p.add_argument('--threads', type=int, default=8, help='Worker threads of the WSGI server (default %(default)s).')
+  p.add_argument('--trusted-proxy', '--trusted_proxy', dest='trusted_proxy', default='',
+                 help='Address of the TLS reverse proxy in front (e.g. 127.0.0.1): its X-Forwarded-Proto is '
+                      "believed and the login cookie is marked Secure. Other peers' proxy headers are dropped.")
   return p
 
 
@@ -40,30 +44,42 @@ def _token_parser(command: str, help_text: str, name: bool) -> argparse.Argument
 
 
 def _is_local(host: str) -> bool:
-  from pilaf_jax.label_server.app import LOCAL_HOSTS
-  return host in LOCAL_HOSTS or host.startswith('127.')
+  """Whether `host` is a loopback address (127.0.0.0/8, ::1) or 'localhost', exactly: a name such as
+  '127.example.com' is not."""
+  if host.lower() == 'localhost':
+    return True
+  try:
+    return ipaddress.ip_address(host.strip('[]')).is_loopback
+  except ValueError:
+    return False
 
 
 def serve(args: argparse.Namespace) -> int:
   """Runs the server until interrupted; returns the exit status."""
-  import waitress
-
   from pilaf_jax.label_server.app import LOCAL_HOSTS, OWNER_TOKEN_FILE, create_app, store_path
+  from pilaf_jax.label_server.wsgi_server import create_server
   local = _is_local(args.host)
   if not local and not args.allow_remote:
     print(f'error: --host={args.host} would serve other machines; add --allow-remote to confirm '
           '(labellers\' tokens then travel in clear over HTTP unless a TLS proxy sits in front).',
           file=sys.stderr)
     return 2
-  if not local:
+  if args.trusted_proxy:
+    try:
+      ipaddress.ip_address(args.trusted_proxy)
+    except ValueError:
+      print(f'error: --trusted-proxy={args.trusted_proxy!r} is not an IP address (the proxy\'s address as '
+            'this server sees it, e.g. 127.0.0.1).', file=sys.stderr)
+      return 2
+  if not local and not args.trusted_proxy:
     print(f'WARNING: serving on {args.host}, reachable from other machines. Tokens travel in clear over '
-          'plain HTTP: put a TLS reverse proxy in front, or bind to 127.0.0.1 and use an SSH tunnel.',
-          file=sys.stderr, flush=True)
+          'plain HTTP: put a TLS reverse proxy in front (and pass --trusted-proxy), or bind to 127.0.0.1 '
+          'and use an SSH tunnel.', file=sys.stderr, flush=True)
   app = create_app(args.workdir, configured_store=args.store_path,
-                   allowed_hosts=LOCAL_HOSTS | {args.host} if local else None)
+                   allowed_hosts=LOCAL_HOSTS | {args.host} if local else None,
+                   secure_cookie=bool(args.trusted_proxy))
   store = store_path(args.workdir, args.store_path)
-  server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
-                                  clear_untrusted_proxy_headers=True, ident='pilaf_jax')
+  server = create_server(app, args.host, args.port, threads=args.threads, trusted_proxy=args.trusted_proxy or None)
   shown = f'[{args.host}]' if ':' in args.host else args.host
   print(f'Serving the labelling page on http://{shown}:{server.effective_port}/ '
         f'(owner token in {os.path.join(os.path.dirname(store), OWNER_TOKEN_FILE)}).', flush=True)

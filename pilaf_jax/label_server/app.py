@@ -16,8 +16,15 @@ Security model (see README, "Labelling by people"):
     browser page, the login form itself, served with status 401);
   * labeller tokens are made by `add-labeller` and stored by the queue only as hashes; the owner
     token is a 0600 file beside the label store (the workdir by default);
-  * state-changing requests are POSTs with a JSON body; a browser Origin of another site is refused,
-    and (when bound to localhost) so is a Host header that is not localhost (DNS rebinding);
+  * state-changing requests are POSTs with a JSON body (the login form aside); a browser request
+    whose Origin is not exactly this server's scheme, host and port (`null` included) or whose
+    Sec-Fetch-Site says another site is refused (CSRF, login CSRF), and (when bound to localhost) so
+    is a Host header that is not localhost (DNS rebinding);
+  * every error is a JSON body {'error': message} with a 4xx/5xx status (an unexpected exception is
+    a 500 whose traceback goes to the server's log, not to the client); no server path is shown;
+    bodies are capped (4 KiB here, 16 KiB in the WSGI server before any authentication, see
+    wsgi_server.py), and so are JSON nesting and query ids;
+  * behind a TLS proxy (`--trusted-proxy`), the cookie is marked Secure;
   * all text is escaped (Jinja autoescape on the server, textContent in the page's script), and a
     strict Content-Security-Policy forbids inline scripts and styles.
 """
@@ -26,14 +33,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 import secrets
+import sqlite3
 import tempfile
 import threading
 from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, jsonify, redirect, render_template, request
+from werkzeug.exceptions import HTTPException
 
 from pilaf_jax.labelling import queue as label_queue
 
@@ -46,6 +56,14 @@ DISPLAY_CHOICES = ('left', 'right', 'tie', 'skip')
 _UNSWAPPED = {'left': 'a', 'right': 'b', 'tie': 'tie', 'skip': 'skip'}
 _SWAPPED = {'left': 'b', 'right': 'a', 'tie': 'tie', 'skip': 'skip'}
 _MAX_BODY = 4096  # An answer is ~50 bytes; anything far larger is not one.
+MAX_JSON_DEPTH = 4  # An answer is one flat object.
+_SAFE_METHODS = frozenset({'GET', 'HEAD', 'OPTIONS'})
+_DEFAULT_PORTS = {'http': 80, 'https': 443}
+_HTTP_MESSAGES = {
+    404: 'No such page.',
+    405: '{method} is not allowed here.',
+    413: f'Request body too large (at most {_MAX_BODY} bytes).',
+}
 
 
 class BadRequest(ValueError):
@@ -120,18 +138,62 @@ def open_queue(path: str) -> 'label_queue.LabelQueue':
   return label_queue.LabelQueue.open_existing(path)
 
 
+def json_depth(raw: bytes) -> int:
+  """How deeply the JSON text nests arrays and objects (brackets inside strings do not count)."""
+  depth = deepest = 0
+  in_string = escaped = False
+  for byte in raw:
+    if in_string:
+      if escaped:
+        escaped = False
+      elif byte == 0x5C:  # backslash
+        escaped = True
+      elif byte == 0x22:  # quote
+        in_string = False
+    elif byte == 0x22:
+      in_string = True
+    elif byte in (0x5B, 0x7B):  # [ {
+      depth += 1
+      deepest = max(deepest, depth)
+    elif byte in (0x5D, 0x7D):
+      depth -= 1
+  return deepest
+
+
+def origin_matches(origin: str, scheme: str, host: str) -> bool:
+  """Whether a browser's Origin header names exactly this server: scheme, host name and port
+  (default ports filled in). 'null' (sandboxed frames, data: URLs, some redirects) never does."""
+  try:
+    theirs, ours = urlsplit(origin), urlsplit(f'{scheme}://{host}')
+    their_port = theirs.port or _DEFAULT_PORTS.get(theirs.scheme.lower())
+    our_port = ours.port or _DEFAULT_PORTS.get(scheme)
+  except ValueError:  # A malformed port.
+    return False
+  return (theirs.scheme.lower() == scheme and theirs.hostname is not None and theirs.hostname == ours.hostname
+          and their_port is not None and their_port == our_port and not theirs.path and not theirs.query)
+
+
 def create_app(workdir: str, *, configured_store: str = '',
-               allowed_hosts: Optional[frozenset] = LOCAL_HOSTS) -> Flask:
+               allowed_hosts: Optional[frozenset] = LOCAL_HOSTS, secure_cookie: bool = False) -> Flask:
   """The Flask app serving the label queue of the run in `workdir`.
 
   configured_store: the run's labelling.store_path ('' = <workdir>/labels.sqlite). The owner token
   and the display-order key live beside the store. allowed_hosts: the host names accepted in the
-  Host header (None accepts any: a server bound to a public interface on purpose). The queue is
+  Host header (None accepts any: a server bound to a public interface on purpose). secure_cookie:
+  mark the login cookie Secure whatever the request's scheme (behind a TLS proxy). The queue is
   opened on the first request that needs it, so the server may start before the run; until the
   run has created its queue, requests get 503.
   """
   path = store_path(workdir, configured_store)
   secrets_dir = os.path.dirname(path)
+  # Directories never shown to a client (an error message that names one is rewritten).
+  hidden_dirs = sorted({d for d in (os.path.abspath(secrets_dir), os.path.abspath(workdir), secrets_dir, workdir)
+                        if d and d not in ('.', '/')}, key=len, reverse=True)
+
+  def scrub(message: str) -> str:
+    for d in hidden_dirs:
+      message = message.replace(d, '<run directory>')
+    return message
   owner = owner_token(secrets_dir)
   key = order_key(secrets_dir)
   opened: list = []  # The LabelQueue, once open (it keeps one SQLite connection per thread).
@@ -147,7 +209,8 @@ def create_app(workdir: str, *, configured_store: str = '',
           try:
             opened.append(open_queue(path))
           except label_queue.QueueError as e:
-            raise BadRequest(f'The labelling queue is not there yet: {e}', 503) from e
+            raise BadRequest('The labelling queue is not there yet: start the run '
+                             '(python -m pilaf_jax.main) first.', 503) from e
     return opened[0]
 
   app = Flask(__name__)
@@ -181,7 +244,7 @@ def create_app(workdir: str, *, configured_store: str = '',
     g.role = 'labeller'
 
   def wants_html() -> bool:
-    return not request.path.startswith('/api/') and request.method == 'GET'
+    return request.method == 'GET' and request.path in ('/', '/owner')
 
   def login_page(message: str) -> Response:
     return Response(render_template('login.html', message=message, login_css=login_css), 401,
@@ -198,10 +261,14 @@ def create_app(workdir: str, *, configured_store: str = '',
     if allowed_hosts is not None and host not in allowed_hosts:
       raise BadRequest(f'Host {request.host!r} is not served here (the server is bound to localhost; '
                        'start it with --allow-remote to serve other host names).', 421)
-    if request.method == 'POST':
+    if request.method not in _SAFE_METHODS:
       origin = request.headers.get('Origin')
-      if origin and origin != 'null' and urlsplit(origin).netloc != request.host:
-        raise BadRequest(f'Cross-site request from {origin} refused.', 403)
+      if origin is not None and not origin_matches(origin, request.scheme, request.host):
+        raise BadRequest(f'Cross-site request from {origin[:100]!r} refused (this server is '
+                         f'{request.scheme}://{request.host}; behind a TLS proxy, start it with '
+                         '--trusted-proxy and have the proxy send X-Forwarded-Proto and Host).', 403)
+      if request.headers.get('Sec-Fetch-Site', '').lower() in ('cross-site', 'same-site'):
+        raise BadRequest('Cross-site request refused (Sec-Fetch-Site).', 403)
     identify()
     if request.endpoint == 'login' and request.method == 'POST':
       return None  # The token is in the form; checked there.
@@ -213,32 +280,38 @@ def create_app(workdir: str, *, configured_store: str = '',
   def require(role: str):
     if g.role != role:
       if role == 'owner':
-        raise BadRequest('This page is for the run owner (the token in '
-                         f'{os.path.join(secrets_dir, OWNER_TOKEN_FILE)}).', 403)
+        raise BadRequest('This page is for the run owner (the token that `python -m '
+                         'pilaf_jax.label_server owner-token --workdir=...` prints).', 403)
       raise BadRequest('The owner token does not label; add a labeller with `python -m '
                        'pilaf_jax.label_server add-labeller --workdir=... --name=...`.', 403)
 
   @app.errorhandler(BadRequest)
   def bad_request(e: BadRequest):
     if e.status == 401:
-      return unauthorized(str(e))
-    return jsonify(error=str(e)), e.status
+      return unauthorized(scrub(str(e)))
+    return jsonify(error=scrub(str(e))), e.status
 
   @app.errorhandler(label_queue.QueueError)
   def queue_error(e):
-    return jsonify(error=str(e), kind=type(e).__name__), e.http_status
+    return jsonify(error=scrub(str(e)), kind=type(e).__name__), e.http_status
 
-  @app.errorhandler(413)
-  def too_large(_):
-    return jsonify(error=f'Request body too large (at most {_MAX_BODY} bytes).'), 413
+  @app.errorhandler(HTTPException)
+  def http_error(e: HTTPException):
+    if e.code is None or e.code < 400:  # Routing redirects (a missing trailing slash).
+      return e
+    message = _HTTP_MESSAGES.get(e.code, f'{e.name}.').format(method=request.method[:20])
+    response = jsonify(error=message)
+    if e.code == 405 and e.valid_methods:
+      response.headers['Allow'] = ', '.join(e.valid_methods)
+    return response, e.code
 
-  @app.errorhandler(404)
-  def not_found(_):
-    return jsonify(error=f'No such page: {request.path}'), 404
-
-  @app.errorhandler(405)
-  def bad_method(_):
-    return jsonify(error=f'{request.method} is not allowed on {request.path}.'), 405
+  @app.errorhandler(Exception)
+  def internal_error(e: Exception):
+    if isinstance(e, sqlite3.OperationalError) and 'locked' in str(e):
+      return jsonify(error='The label store is busy; try again in a moment.'), 503
+    # The traceback goes to the server's log; the client learns nothing about the server.
+    app.logger.exception('Unexpected error on %s %s', request.method, request.path[:200])
+    return jsonify(error='Internal error; the run owner finds the details in the server log.'), 500
 
   @app.after_request
   def security_headers(response: Response) -> Response:
@@ -267,7 +340,8 @@ def create_app(workdir: str, *, configured_store: str = '',
     if role is None:
       return login_page('Unknown token.')
     response = redirect('/owner' if role == 'owner' else '/', code=303)
-    response.set_cookie(COOKIE, token, httponly=True, samesite='Strict', secure=request.is_secure, path='/')
+    response.set_cookie(COOKIE, token, httponly=True, samesite='Strict',
+                        secure=secure_cookie or request.is_secure, path='/')
     return response
 
   @app.post('/logout')
@@ -289,8 +363,10 @@ def create_app(workdir: str, *, configured_store: str = '',
     require('owner')
     q = get_queue()
     report = q.labeller_report()
-    return render_template('owner.html', progress=q.progress(), report=report,
-                           answers_per_query=q.answers_per_query, allow_ties=bool(q.allow_ties))
+    people = [n for n in q.labellers() if not n.startswith(label_queue.ORACLE_PREFIX)]
+    return render_template('owner.html', progress=q.progress(), report=report, waiting=q.waiting(limit=20),
+                           people=people, answers_per_query=q.answers_per_query,
+                           allow_ties=bool(q.allow_ties))
 
   # --- JSON API ---
   def _progress(q, name: Optional[str]) -> dict:
@@ -310,7 +386,8 @@ def create_app(workdir: str, *, configured_store: str = '',
       left, right = query.response_a_text, query.response_b_text
       if is_swapped(key, g.name, query.query_id):
         left, right = right, left
-      out['query'] = {'query_id': query.query_id, 'prompt': query.prompt_text, 'left': left, 'right': right}
+      out['query'] = {'query_id': query.query_id, 'prompt': query.prompt_text, 'left': left, 'right': right,
+                      'offered_again': q.skipped(query.query_id, g.name)}
     return jsonify(out)
 
   @app.post('/api/answer')
@@ -335,24 +412,77 @@ def create_app(workdir: str, *, configured_store: str = '',
     q = get_queue()
     return jsonify(progress=q.progress(), **q.labeller_report())
 
+  @app.get('/api/waiting')
+  def waiting():
+    require('owner')
+    return jsonify(waiting=get_queue().waiting(limit=200))
+
+  @app.post('/api/drop')
+  def drop():
+    """The owner stops waiting for a query: it is resolved from the answers it has (see LabelQueue.drop)."""
+    require('owner')
+    body = _json_object('{"query_id": <int>}')
+    if set(body) != {'query_id'}:
+      raise BadRequest('Send exactly {"query_id": <int>}.')
+    return jsonify(ok=True, **get_queue().drop(_query_id(body)))
+
+  @app.post('/api/reassign')
+  def reassign():
+    """The owner hands a query to a labeller (they get it on their next fetch)."""
+    require('owner')
+    body = _json_object('{"query_id": <int>, "labeller": <name>}')
+    if set(body) != {'query_id', 'labeller'} or not isinstance(body['labeller'], str):
+      raise BadRequest('Send exactly {"query_id": <int>, "labeller": <name>}.')
+    query_id = _query_id(body)
+    try:
+      get_queue().reassign(query_id, body['labeller'])
+    except label_queue.UnknownLabeller as e:  # Not a 401: the owner is logged in.
+      raise BadRequest(f'No labeller {_short(body["labeller"])}.', 400) from e
+    return jsonify(ok=True, query_id=query_id, labeller=body['labeller'])
+
   return app
+
+
+def _json_object(expected: str) -> dict:
+  """The request's JSON object body, or a 4xx that says what is wrong (`expected` shows the shape).
+  The nesting is checked before parsing: a deep array would exhaust Python's recursion limit."""
+  if not request.is_json:
+    raise BadRequest(f'Send JSON (Content-Type: application/json): {expected}.', 415)
+  raw = request.get_data(cache=True)  # At most MAX_CONTENT_LENGTH bytes, else 413.
+  if json_depth(raw) > MAX_JSON_DEPTH:
+    raise BadRequest(f'The body nests deeper than {MAX_JSON_DEPTH} levels; expected {expected}.')
+  try:
+    body = json.loads(raw)
+  except ValueError:  # Not JSON, not UTF-8, or a number beyond Python's limits.
+    body = None
+  if not isinstance(body, dict):
+    raise BadRequest(f'The body is not a JSON object; expected {expected}.')
+  return body
+
+
+def _short(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + '...'
+
+
+def _query_id(body: dict) -> int:
+  query_id = body.get('query_id')
+  if (not isinstance(query_id, int) or isinstance(query_id, bool)
+      or not 0 <= query_id <= label_queue.MAX_QUERY_ID):
+    raise BadRequest(f'"query_id" must be an integer in [0, 2**63), got {_short(query_id)}.')
+  return query_id
+
+
+_ANSWER_SHAPE = '{"query_id": <int>, "choice": "left" | "right" | "tie" | "skip"}'
 
 
 def _parse_answer() -> tuple[int, str]:
   """(query_id, display choice) from the JSON body, or a 4xx that says what is wrong."""
-  if not request.is_json:
-    raise BadRequest('Send the answer as JSON (Content-Type: application/json): '
-                     '{"query_id": <int>, "choice": "left" | "right" | "tie" | "skip"}.', 415)
-  body = request.get_json(silent=True)
-  if not isinstance(body, dict):
-    raise BadRequest('The body is not a JSON object; expected {"query_id": <int>, "choice": '
-                     '"left" | "right" | "tie" | "skip"}.')
+  body = _json_object(_ANSWER_SHAPE)
   extra = sorted(set(body) - {'query_id', 'choice'})
   if extra:
-    raise BadRequest(f'Unexpected fields {extra}; an answer has exactly "query_id" and "choice".')
-  query_id, choice = body.get('query_id'), body.get('choice')
-  if not isinstance(query_id, int) or isinstance(query_id, bool) or query_id < 0:
-    raise BadRequest(f'"query_id" must be a non-negative integer, got {query_id!r}.')
+    raise BadRequest(f'Unexpected fields {_short(extra)}; an answer has exactly "query_id" and "choice".')
+  query_id, choice = _query_id(body), body.get('choice')
   if choice not in DISPLAY_CHOICES:
-    raise BadRequest(f'"choice" must be one of {list(DISPLAY_CHOICES)}, got {choice!r}.')
+    raise BadRequest(f'"choice" must be one of {list(DISPLAY_CHOICES)}, got {_short(choice)}.')
   return query_id, choice
