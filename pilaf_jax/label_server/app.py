@@ -386,8 +386,8 @@ def create_app(workdir: str, *, configured_store: str = '',
       left, right = query.response_a_text, query.response_b_text
       if is_swapped(key, g.name, query.query_id):
         left, right = right, left
-      out['query'] = {'query_id': query.query_id, 'prompt': query.prompt_text, 'left': left, 'right': right,
-                      'offered_again': q.skipped(query.query_id, g.name)}
+      out['query'] = {'query_id': query.query_id, 'prompt': query.prompt_text, 'left': left, 'right': right}
+      out['offered_again'] = q.skipped(query.query_id, g.name)  # A skip nobody else may answer.
     return jsonify(out)
 
   @app.post('/api/answer')
