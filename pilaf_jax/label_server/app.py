@@ -170,7 +170,8 @@ def origin_matches(origin: str, scheme: str, host: str) -> bool:
   except ValueError:  # A malformed port.
     return False
   return (theirs.scheme.lower() == scheme and theirs.hostname is not None and theirs.hostname == ours.hostname
-          and their_port is not None and their_port == our_port and not theirs.path and not theirs.query)
+          and their_port is not None and their_port == our_port and theirs.username is None
+          and not theirs.path and not theirs.query)
 
 
 def create_app(workdir: str, *, configured_store: str = '',
@@ -216,6 +217,7 @@ def create_app(workdir: str, *, configured_store: str = '',
   app = Flask(__name__)
   app.config.update(MAX_CONTENT_LENGTH=_MAX_BODY)
   app.json.sort_keys = False  # Keep the order the handlers build.
+  app.url_map.merge_slashes = False  # '//x' is no page: a 404, not a redirect to '/x'.
   app.extensions['pilaf_label_server'] = {'store': path, 'queue': get_queue}
 
   # --- who is asking ---
@@ -337,8 +339,9 @@ def create_app(workdir: str, *, configured_store: str = '',
         role = 'labeller'
       except label_queue.UnknownLabeller:
         pass
-    if role is None:
-      return login_page('Unknown token.')
+    if role is None:  # The form again for a browser; JSON for anything else.
+      return login_page('Unknown token.') if request.accept_mimetypes.accept_html else (
+          jsonify(error='Unknown token.'), 401)
     response = redirect('/owner' if role == 'owner' else '/', code=303)
     response.set_cookie(COOKIE, token, httponly=True, samesite='Strict',
                         secure=secure_cookie or request.is_secure, path='/')

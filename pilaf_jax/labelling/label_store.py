@@ -83,6 +83,16 @@ def _reward(x) -> Optional[float]:
   return None if np.isnan(x) else x
 
 
+def make_private(path: str) -> None:
+  """Creates the SQLite file `path` readable by its owner only (it holds every answer and the hidden
+  sources of every pair), or narrows an existing one of ours to 0600. SQLite gives the -wal and
+  -shm files beside it the database's mode."""
+  os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+  st = os.stat(path)
+  if st.st_mode & 0o077 and st.st_uid == os.getuid():
+    os.chmod(path, 0o600)
+
+
 class LabelStoreMismatch(ValueError):
   """The store was written under another config; names the differing fields."""
 
@@ -94,6 +104,7 @@ class LabelStore:
     """defaults: the fingerprint of the default config; a field the stored fingerprint lacks (added
     to the code since the store was written) matches when it has its default value."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_private(path)
     self.path = path
     self._db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)  # Explicit transactions.
     self._db.execute('PRAGMA journal_mode=WAL')

@@ -206,7 +206,9 @@ class LabelQueue:
     self._pid = os.getpid()
     self._create = create  # open_existing never creates the file or its tables.
     if create:
+      from pilaf_jax.labelling.label_store import make_private
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      make_private(path)
       self._db.executescript(_SCHEMA)
 
   # --- connections and transactions ---
