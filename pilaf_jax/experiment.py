@@ -24,7 +24,7 @@ from pilaf_jax.batches import PairBatch, PreferenceBatch, PromptBatch
 from pilaf_jax.config_validation import ConfigError
 from pilaf_jax.evaluation import Evaluator
 from pilaf_jax.labelling.label_store import LabelStore, empty_preference_batch
-from pilaf_jax.labelling.queue import LabelQueue, QueueSettingsMismatch
+from pilaf_jax.labelling.queue import LabelQueue, QueueSettingsMismatch, describe_waiting
 from pilaf_jax.labelling.worker import FunctionOracle
 from pilaf_jax.labelling.store_sync import StoreCopy
 from pilaf_jax.learning.dpo import dpo_step
@@ -368,8 +368,11 @@ class Experiment:
         queue = self.queue.progress()
         who = ('people answer through the labelling web server' if self.function_oracle is None else
                f'is `python -m pilaf_jax.labelling.worker --workdir={self.workdir}` running?')
-        log(f'Waiting for labels of {batch_key}: {done}/{total} resolved after {now - start:.0f} s; '
-            f'queue: {queue["pending"]} open, {queue["answered"]} resolved ({who}).')
+        line = (f'Waiting for labels of {batch_key}: {done}/{total} resolved after {now - start:.0f} s; '
+                f'queue: {queue["pending"]} open, {queue["answered"]} resolved ({who}).')
+        if self.function_oracle is None:  # Say which queries, and who may still answer them.
+          line += ' Open: ' + describe_waiting(self.queue.waiting(batch_key, limit=total)) + '.'
+        log(line)
         next_report = now + PROGRESS_SECONDS
       time.sleep(lab.poll_seconds)
 

@@ -703,6 +703,29 @@ class LabelQueue:
     return queue_counts(self._db)
 
 
+def describe_waiting(waiting: list[dict], limit: int = 4) -> str:
+  """One line on what a batch waits for (LabelQueue.waiting's rows): each open query, its answers,
+  who holds it, who skipped it and who may still answer it."""
+  if not waiting:
+    return 'no query is open'
+  parts = []
+  for w in waiting[:limit]:
+    bits = [f'row {w["row"]}', f'{w["deciding"]}/{w["needed"]} answers']
+    if w['holders']:
+      bits.append('on screen for ' + ', '.join(w['holders']))
+    if w['skipped_by']:
+      bits.append('skipped by ' + ', '.join(w['skipped_by']))
+    bits.append('may answer: ' + (', '.join(w['may_answer']) or 'nobody'))
+    if w['stuck'] and w['skipped_by']:
+      bits.append(f'needs {" or ".join(w["skipped_by"])} again (offered back once they have nothing else; '
+                  'the owner page can drop or reassign it)')
+    elif w['stuck']:
+      bits.append('fewer labellers than answers needed: add one, or drop it on the owner page')
+    parts.append(f'query {w["query_id"]} ({"; ".join(bits)})')
+  more = f' and {len(waiting) - limit} more' if len(waiting) > limit else ''
+  return ', '.join(parts) + more
+
+
 def queue_counts(db: sqlite3.Connection) -> dict:
   """LabelQueue.counts() on any connection to the file (zeros when it holds no queue)."""
   have = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}

@@ -64,42 +64,73 @@
     document.body.dataset.state = q ? 'query' : 'idle';
   }
 
+  // The status line: an error (data-kind="error") stays until the next request that succeeds.
+  function say(text, kind) {
+    status.textContent = text;
+    status.dataset.kind = kind || 'info';
+  }
+  function recovered() {
+    if (status.dataset.kind === 'error') say('');
+  }
+  const sleep = function (ms) { return new Promise(function (resolve) { setTimeout(resolve, ms); }); };
+  const retryable = function (code) { return code >= 500 || code === 429 || code === 408; };
+
   async function loadNext() {
     clearTimeout(idleTimer);
     busy = true;
     try {
       const {status: code, data} = await call('/api/next');
       if (code !== 200) {
-        status.textContent = data.error || ('Error ' + code);
-        if (code >= 500) idleTimer = setTimeout(loadNext, 2000);  // E.g. the run has no queue yet.
+        say(data.error || ('Error ' + code), 'error');
+        if (retryable(code)) idleTimer = setTimeout(loadNext, 2000);  // E.g. the run has no queue yet.
         return;
+      }
+      recovered();
+      if (data.query && data.offered_again) {
+        say('You skipped this pair before and nobody else may answer it, so it is back: please answer it ' +
+            '(skip again to leave it to the run owner).');
       }
       show(data.query);
       if (!data.query) idleTimer = setTimeout(loadNext, 2000);
     } catch (e) {
-      status.textContent = 'The server cannot be reached; retrying.';
-      idleTimer = setTimeout(loadNext, 500);
+      say('The server cannot be reached; retrying.', 'error');
+      idleTimer = setTimeout(loadNext, 1000);
     } finally {
       busy = false;
+    }
+  }
+
+  // Posts the answer until the server has it: a network failure or a 5xx is retried with the same
+  // answer (the first try may have been committed; a replay is then refused as already answered,
+  // which tells us it was). Any other refusal is shown and the page moves on.
+  async function send(id, choice) {
+    for (let attempt = 0, delay = 500; ; attempt++, delay = Math.min(2 * delay, 8000)) {
+      try {
+        const {status: code, data} = await call('/api/answer', {query_id: id, choice: choice});
+        if (code === 200 || (attempt > 0 && code === 409 && data.kind === 'AlreadyAnswered')) {
+          say('Saved your answer to query ' + id + '.');
+          refreshProgress();
+          return;
+        }
+        if (!retryable(code)) {
+          say(data.error || ('Error ' + code), 'error');
+          return;
+        }
+        say((data.error || ('Error ' + code)) + ' Retrying your answer to query ' + id + '.', 'error');
+      } catch (e) {
+        say('The server cannot be reached; retrying your answer to query ' + id + '.', 'error');
+      }
+      document.body.dataset.retries = String(Number(document.body.dataset.retries || 0) + 1);
+      await sleep(delay);
     }
   }
 
   async function answer(choice) {
     if (busy || current === null) return;
     busy = true;
-    const id = current;
     document.body.dataset.state = 'sending';
     try {
-      const {status: code, data} = await call('/api/answer', {query_id: id, choice: choice});
-      if (code === 200) {
-        status.textContent = 'Saved your answer to query ' + id + '.';
-        refreshProgress();
-      } else {
-        status.textContent = data.error || ('Error ' + code);
-      }
-    } catch (e) {
-      // The answer may or may not have been committed; asking again is safe (a replay gets a 409).
-      status.textContent = 'The server cannot be reached; retrying.';
+      await send(current, choice);
     } finally {
       busy = false;
     }
