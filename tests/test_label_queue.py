@@ -197,6 +197,9 @@ def test_a_skip_nobody_else_may_answer_comes_back_to_the_skipper(path):
   assert q.waiting('b')[0] == {'query_id': first.query_id, 'batch_key': 'b', 'row': 0, 'deciding': 0,
                                'needed': 2, 'holders': [], 'skipped_by': ['bob'], 'may_answer': ['alice'],
                                'stuck': True}
+  line = lq.describe_waiting(q.waiting('b'))
+  assert line.startswith(f'query {first.query_id} (row 0; 0/2 answers; skipped by bob; may answer: alice; '
+                         'needs bob again'), line
   assert q.next_query('bob').row == 1  # New work first.
   for name in ('alice', 'bob'):
     while (query := q.next_query(name)) is not None and not q.skipped(query.query_id, name):

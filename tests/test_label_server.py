@@ -271,6 +271,41 @@ def test_owner_page_reports_counts_agreement_and_progress(tmp_path):
     assert text in page, text
 
 
+def test_owner_sees_stuck_queries_and_drops_or_reassigns_them(tmp_path):
+  """k=2, two labellers: bob's skip leaves a query only he may finish. The owner page names it as
+  stuck; the page tells bob it is back; the owner can reassign it (to bob) or drop it."""
+  run = Run(tmp_path, n=2, answers_per_query=2, names=('alice', 'bob'))
+  owner = {'Authorization': f'Bearer {run.owner}'}
+  first = run.next('bob')['query_id']
+  assert run.answer('bob', first, 'skip').status_code == 200
+  second = run.next('bob')['query_id']
+  assert run.answer('bob', second, 'skip').status_code == 200
+  for _ in range(2):
+    q = run.next('alice')
+    assert run.answer('alice', q['query_id'], 'left').status_code == 200
+  waiting = run.client.get('/api/waiting', headers=owner).json['waiting']
+  assert [(w['query_id'], w['stuck'], w['skipped_by'], w['may_answer']) for w in waiting] == [
+      (first, True, ['bob'], []), (second, True, ['bob'], [])]
+  page = run.client.get('/owner', headers=owner).get_data(as_text=True)
+  assert f'<tr data-query-id="{first}" class="stuck">' in page and '<td>bob</td><td>nobody</td>' in page
+  # Bob gets his skipped query back, and the page is told why.
+  r = run.client.post('/api/next', headers=run.auth('bob'))
+  assert r.json['query']['query_id'] == first and r.json['offered_again'] is True
+  # The owner drops the other one: resolved from alice's answer alone.
+  r = run.client.post('/api/drop', headers=owner, json={'query_id': second})
+  assert r.status_code == 200 and r.json['resolved'] is True
+  assert run.client.post('/api/drop', headers=owner, json={'query_id': second}).status_code == 409
+  # ... and reassigns the first to bob (who holds it already: a no-op that keeps it his).
+  assert run.client.post('/api/reassign', headers=owner, json={'query_id': first, 'labeller': 'bob'}).status_code == 200
+  r = run.client.post('/api/reassign', headers=owner, json={'query_id': first, 'labeller': 'alice'})
+  assert r.status_code == 409 and 'already' in r.json['error']
+  assert run.answer('bob', first, 'right').json['resolved'] is True
+  assert run.queue.resolved_labels('online/000000') is not None
+  assert run.client.get('/api/waiting', headers=owner).json['waiting'] == []
+  for path in ('/api/drop', '/api/reassign'):  # Only the owner.
+    assert run.client.post(path, headers=run.auth('alice'), json={'query_id': first}).status_code == 403
+
+
 def test_cli_tokens_and_binding(tmp_path):
   workdir = str(tmp_path)
   cmd = [sys.executable, '-m', 'pilaf_jax.label_server']
