@@ -236,6 +236,57 @@ def test_sigkill_of_the_server_while_a_person_labels_loses_nothing(browser_facto
   assert len(acknowledged) >= 8
 
 
+def test_long_words_wrap_and_a_failed_answer_is_retried_until_saved(browser_factory, tmp_path):
+  """A 25,000-character word stays inside its column; with the server down, a press is retried (not
+  dropped) until the server is back, then saved once, and the error line clears once requests work."""
+  workdir = str(tmp_path)
+  queue = LabelQueue(os.path.join(workdir, 'labels.sqlite'))
+  word = 'w' * 25000
+  queue.enqueue('b', 0, 'pilaf', [
+      dict(row=0, prompt_id=0, prompt_text='Prompt ' + word, response_a_text=word, response_b_text='short',
+           source_a=0, source_b=1),
+      dict(row=1, prompt_id=1, prompt_text='Prompt 1', response_a_text='one', response_b_text='two',
+           source_a=0, source_b=1)])
+  token = queue.add_labeller('alice')
+  proc, url = label_load.start_server(workdir)
+  restart = lambda: subprocess.Popen(
+      [sys.executable, '-m', 'pilaf_jax.label_server', f'--workdir={workdir}', f'--port={url.rsplit(":", 1)[1]}'],
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=kr.subprocess_env())
+  page = Page(browser_factory(), url)
+  try:
+    page.login(token)
+    shown = page.shown()
+    widths = page.driver.execute_script(
+        "const w = id => [document.getElementById(id).scrollWidth, document.getElementById(id).clientWidth];"
+        "return [document.documentElement.scrollWidth, window.innerWidth, w('left'), w('right'), w('prompt')];")
+    assert widths[0] <= widths[1], widths  # No horizontal scrolling of the page.
+    assert all(scroll <= client for scroll, client in widths[2:]), widths
+    proc.kill()
+    proc.wait()
+    page.press('left')
+    page.wait(lambda d: int(d.execute_script('return document.body.dataset.retries || "0"')) >= 2, 30)
+    assert 'retrying your answer to query' in page.status(), page.status()
+    proc = restart()
+    page.wait(lambda d: page.status() == f'Saved your answer to query {shown["query_id"]}.', 60)
+    [stored] = queue.answers('alice')
+    assert (stored['query_id'], stored['choice']) == (
+        shown['query_id'], _storage(queue.get_query(shown['query_id']), 'left', shown['left']))
+    # The next pair, answered; then the server goes while the page waits for work, and comes back.
+    second = page.shown(after=shown['shown'])
+    page.press('right')
+    page.wait(lambda d: page.status() == f'Saved your answer to query {second["query_id"]}.', 30)
+    proc.kill()
+    proc.wait()
+    page.wait(lambda d: 'cannot be reached' in page.status(), 30)
+    proc = restart()
+    page.wait(lambda d: page.status() == '', 30)  # The error is gone once the server answers again.
+    assert len(queue.answers('alice')) == 2
+  finally:
+    proc.kill()
+    proc.wait()
+    queue.close()
+
+
 def _wait_for_queue(loop: Loop, timeout: float = 300.0) -> LabelQueue:
   """The run's queue, once the loop has created it."""
   deadline = time.time() + timeout

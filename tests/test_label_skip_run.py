@@ -5,9 +5,13 @@ through the labelling web app (bearer tokens, the JSON API) while the loop waits
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import threading
 import time
+import traceback
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -29,13 +33,19 @@ def test_one_labeller_skips_with_two_answers_per_query_and_two_labellers_the_run
   seen: dict = {'alice': [], 'bob': [], 'offered_again': 0, 'errors': []}
 
   def people():
+    try:
+      label()
+    except BaseException:  # Shown by the test, not lost in a thread.
+      seen['errors'].append(traceback.format_exc())
+
+  def label():
     """alice answers every pair; bob skips each pair the first time, and answers it when it comes back."""
     path = kr.store_file(workdir)
     while not stop.is_set():
       try:
         queue = LabelQueue.open_existing(path)
         break
-      except QueueError:
+      except (QueueError, sqlite3.OperationalError):  # Not made yet, or being made.
         time.sleep(0.05)
     else:
       return
@@ -67,12 +77,14 @@ def test_one_labeller_skips_with_two_answers_per_query_and_two_labellers_the_run
   thread.start()
   try:
     result = kr.launch(kr.main_command(workdir, CONFIG, overrides), workdir, str(tmp_path / 'run.log'),
-                       kr.subprocess_env(), timeout_s=600)
+                       kr.subprocess_env(), timeout_s=300)
+  except TimeoutError as e:  # The loop waited for labels that never came.
+    pytest.fail(f'{e}\nlabellers: {seen}')
   finally:
     stop.set()
     thread.join(30)
-  assert kr.finished(workdir, result), f'status {result.rc}:\n{result.log[-4000:]}'
   assert seen['errors'] == []
+  assert kr.finished(workdir, result), f'status {result.rc}:\n{result.log[-4000:]}'
   pairs = STEPS * BATCH
   # Bob skipped every pair once and answered each when it came back; alice answered each once.
   assert len(seen['alice']) == pairs and all(c != 'skip' for _, c in seen['alice'])

@@ -87,7 +87,13 @@ def make_private(path: str) -> None:
   """Creates the SQLite file `path` readable by its owner only (it holds every answer and the hidden
   sources of every pair), or narrows an existing one of ours to 0600. SQLite gives the -wal and
   -shm files beside it the database's mode."""
-  os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+  # Never open (and close) an existing database file here: closing any descriptor of a file drops
+  # every POSIX lock this process holds on it, those of SQLite's own connections included.
+  try:
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    return
+  except FileExistsError:
+    pass
   st = os.stat(path)
   if st.st_mode & 0o077 and st.st_uid == os.getuid():
     os.chmod(path, 0o600)

@@ -162,6 +162,18 @@ def tie_coin(query_id: int) -> bool:
   return bool(hashlib.sha256(f'pilaf-label-queue-tie:{int(query_id)}'.encode()).digest()[0] & 1)
 
 
+def _is_wal_database(path: str) -> bool:
+  """Whether `path` is an SQLite database in WAL mode (header bytes 18-19 = 2), as the run leaves its
+  store once created. Until then (an empty file, or a restored copy in rollback mode) another process
+  must not open it: opening runs recovery and may change the journal mode under the run."""
+  try:
+    with open(path, 'rb') as f:
+      header = f.read(100)
+  except OSError:
+    return False
+  return len(header) == 100 and header.startswith(b'SQLite format 3\x00') and header[18] == 2 == header[19]
+
+
 def _float_or_none(x) -> Optional[float]:
   if x is None:
     return None
@@ -186,6 +198,8 @@ class LabelQueue:
     Raises QueueError when the file or its queue does not exist (yet)."""
     if not os.path.exists(path):
       raise QueueError(f'{path} does not exist: start the run (python -m pilaf_jax.main) first.')
+    if not _is_wal_database(path):
+      raise QueueError(f'{path} holds no labelling queue yet (the run is still creating it).')
     queue = cls.__new__(cls)
     queue._setup(path, assignment_timeout_s, create=False)
     settings = queue._settings_in_file()
@@ -221,7 +235,8 @@ class LabelQueue:
       uri = f'file:{os.path.abspath(self.path)}' + ('' if self._create else '?mode=rw')
       db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S,
                            check_same_thread=False)  # Used by its own thread only; closed by close().
-      db.execute('PRAGMA journal_mode=WAL')
+      if self._create:  # Only the run sets the mode (it persists in the file): a second process
+        db.execute('PRAGMA journal_mode=WAL')  # switching it while the run creates the file loses writes.
       db.execute('PRAGMA synchronous=FULL')
       db.execute(f'PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}')
       self._local.db = db
