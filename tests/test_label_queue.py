@@ -487,3 +487,30 @@ def test_concurrent_processes_lose_and_duplicate_nothing(path):
       r = work.rewards[query.row]
       assert choice == ('a' if r[0] > r[1] else 'b')
   q.close()
+
+
+def test_opening_never_disturbs_a_store_being_created(path, monkeypatch):
+  """A server or worker polling open_existing while the run creates its store must neither open an
+  empty or rollback-mode file (opening may change its journal mode under the run) nor, in the run,
+  open an existing database file outside SQLite (closing that descriptor drops SQLite's locks)."""
+  open(path, 'wb').close()  # What the run has made so far.
+  with pytest.raises(QueueError, match='no labelling queue yet'):
+    LabelQueue.open_existing(path)
+  assert os.path.getsize(path) == 0 and not os.path.exists(path + '-wal')
+  os.remove(path)
+  from pilaf_jax.labelling.label_store import LabelStore
+  store = LabelStore(path, {'x': 1})
+  opened = []
+  real_open = os.open
+
+  def recording_open(p, *args, **kwargs):  # Records the descriptors actually opened.
+    fd = real_open(p, *args, **kwargs)
+    opened.append(os.fspath(p))
+    return fd
+  monkeypatch.setattr(os, 'open', recording_open)
+  q = LabelQueue(path)
+  monkeypatch.undo()
+  assert os.path.abspath(path) not in map(os.path.abspath, opened), opened
+  q.close()
+  store.close()
+  assert LabelQueue.open_existing(path).answers_per_query == 1
