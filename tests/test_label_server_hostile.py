@@ -256,6 +256,13 @@ def test_every_hostile_request_gets_a_json_4xx_and_changes_nothing(server):
   assert status == 200 and json.loads(body)['ok'] is True
 
 
+def test_pages_let_the_browser_send_their_own_origin(server):
+  """Under Referrer-Policy no-referrer a browser sends `Origin: null` with a page's own POSTs, which
+  are then refused: the policy must keep the origin for same-origin requests."""
+  status, headers, _ = server.request('GET', '/', server.auth('alice'))
+  assert status == 200 and headers['Referrer-Policy'] == 'same-origin'
+
+
 def test_origin_must_match_scheme_host_and_port_exactly():
   match = server_app.origin_matches
   assert match('http://127.0.0.1:8765', 'http', '127.0.0.1:8765')

@@ -322,7 +322,9 @@ def create_app(workdir: str, *, configured_store: str = '',
         "img-src 'self'; connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
     response.headers['X-Content-Type-Options'] = 'nosniff'
     response.headers['X-Frame-Options'] = 'DENY'
-    response.headers['Referrer-Policy'] = 'no-referrer'
+    # Not 'no-referrer': under it a browser sends `Origin: null` with the page's own POSTs (form and
+    # fetch alike), which the origin check must refuse. 'same-origin' sends nothing to other sites.
+    response.headers['Referrer-Policy'] = 'same-origin'
     response.headers['Cache-Control'] = 'no-store'
     return response
 

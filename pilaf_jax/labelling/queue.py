@@ -40,7 +40,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -48,8 +47,14 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from pilaf_jax.labelling import agreement
+from pilaf_jax.labelling import labellers as accounts
+from pilaf_jax.labelling.labellers import ORACLE_PREFIX, token_hash  # noqa: F401  (part of this module's API)
+from pilaf_jax.labelling.queue_errors import (AlreadyAnswered, BadChoice, NotAssigned,  # noqa: F401
+                                              QueryResolved, QueueError, QueueSettingsMismatch,
+                                              UnknownLabeller, UnknownQuery)
+
 CHOICES = ('a', 'b', 'tie', 'skip')  # Always in STORAGE order (response_a / response_b of the pair).
-ORACLE_PREFIX = 'oracle:'  # Function oracles answer under 'oracle:<labelling rule>'.
 BUSY_TIMEOUT_S = 60.0  # How long a writer waits for another process's transaction.
 
 _SCHEMA = """
@@ -109,35 +114,6 @@ class OracleWork:
   todo: list
 
 
-class QueueError(ValueError):
-  """A refused queue operation; nothing was changed. http_status: what a web server answers."""
-  http_status = 400
-
-
-class UnknownLabeller(QueueError):
-  http_status = 401  # Bad or missing token, or a name that was never added.
-
-
-class UnknownQuery(QueueError):
-  http_status = 404
-
-
-class NotAssigned(QueueError):
-  http_status = 403  # The query is not assigned to this labeller.
-
-
-class AlreadyAnswered(QueueError):
-  http_status = 409  # This labeller answered it already (a replay).
-
-
-class QueryResolved(QueueError):
-  http_status = 409  # Enough answers are in already.
-
-
-class BadChoice(QueueError):
-  http_status = 400  # Not in CHOICES, or 'tie' while ties are off.
-
-
 MAX_QUERY_ID = 2**63 - 1  # SQLite's INTEGER range: a larger id is no query.
 
 
@@ -146,15 +122,6 @@ def _query_id(query_id) -> int:
   if isinstance(query_id, bool) or not isinstance(query_id, (int, np.integer)) or not 0 <= query_id <= MAX_QUERY_ID:
     raise UnknownQuery(f'No query {query_id!r}: ids are integers in [0, 2**63).')
   return int(query_id)
-
-
-class QueueSettingsMismatch(QueueError):
-  """The file's queue was created with other answers_per_query / allow_ties."""
-  http_status = 500
-
-
-def token_hash(token: str) -> str:
-  return hashlib.sha256(token.encode('utf-8')).hexdigest()
 
 
 def tie_coin(query_id: int) -> bool:
@@ -312,52 +279,32 @@ class LabelQueue:
                                   '(labelling.* in the config): ' + '; '.join(diff) + '.')
     self.answers_per_query, self.allow_ties = saved['answers_per_query'], saved['allow_ties']
 
-  # --- labellers (tokens are stored only as sha256 hashes) ---
+  # --- labellers (pilaf_jax/labelling/labellers.py; tokens are stored only as hashes) ---
   def add_labeller(self, name: str) -> str:
     """Adds a person and returns a fresh random token; for an existing name, a new token replaces the
     old one (which stops working)."""
-    if not isinstance(name, str) or not name.strip() or len(name) > 64 or not name.isprintable():
-      raise QueueError(f'labeller name {name!r}: use 1-64 printable characters.')
-    if name.startswith(ORACLE_PREFIX):
-      raise QueueError(f'labeller name {name!r}: names starting with {ORACLE_PREFIX!r} are reserved for '
-                       'function oracles.')
-    token = secrets.token_urlsafe(24)
+    accounts.check_name(name)
     with self._write() as db:
-      db.execute('INSERT INTO queue_labellers (name, token_hash, created) VALUES (?, ?, ?) '
-                 'ON CONFLICT (name) DO UPDATE SET token_hash=excluded.token_hash',
-                 (name, token_hash(token), time.time()))
-    return token
+      return accounts.add(db, name)
 
   def add_oracle_labeller(self, rule: str) -> str:
     """Registers the function oracle of a labelling rule (no token: it never goes through the web
     server) and returns its labeller name, 'oracle:<rule>'. Idempotent."""
-    name = ORACLE_PREFIX + rule
     with self._write() as db:
-      db.execute('INSERT OR IGNORE INTO queue_labellers (name, token_hash, created) VALUES (?, NULL, ?)',
-                 (name, time.time()))
-    return name
+      return accounts.add_oracle(db, rule)
 
   def labeller_for_token(self, token: str) -> str:
     """The name a token belongs to; UnknownLabeller for a missing or unknown token."""
-    if not token:
-      raise UnknownLabeller('A labeller token is required.')
-    row = self._db.execute('SELECT name FROM queue_labellers WHERE token_hash=?',
-                           (token_hash(token),)).fetchone()
-    if row is None:
-      raise UnknownLabeller('Unknown labeller token.')
-    return row[0]
+    return accounts.name_for_token(self._db, token)
 
   def labellers(self) -> list[str]:
     """Every labeller's name (people and function oracles), sorted."""
-    return [r[0] for r in self._db.execute('SELECT name FROM queue_labellers ORDER BY name')]
+    return accounts.names(self._db)
 
   @staticmethod
   def _require_labeller(db: sqlite3.Connection, labeller: str) -> bool:
     """Whether the labeller is a function oracle (no token); UnknownLabeller if it does not exist."""
-    row = db.execute('SELECT token_hash FROM queue_labellers WHERE name=?', (labeller,)).fetchone()
-    if row is None:
-      raise UnknownLabeller(f'Unknown labeller {labeller!r}.')
-    return row[0] is None
+    return accounts.require(db, labeller)
 
   # --- the loop side ---
   def enqueue(self, batch_key: str, step: int, sampler: str, queries: list[dict]) -> None:
@@ -676,41 +623,10 @@ class LabelQueue:
             'loop_step': None if step is None else json.loads(step[0]), 'answers': int(answers)}
 
   def labeller_report(self) -> dict:
-    """Per labeller: answers (all choices), skips, ties, and agreement with the stored oracle reward
-    (share of its a/b answers that pick the response with the higher reward; None without rewards;
-    pairs with equal rewards are left out); per pair of labellers: queries both answered (not
-    skipped) and the share on which they chose the same."""
+    """Answers, skips, ties and agreement per labeller and per pair of labellers (see
+    pilaf_jax/labelling/agreement.py)."""
     with self._read() as db:
-      names = [r[0] for r in db.execute('SELECT name FROM queue_labellers ORDER BY name')]
-      answers = db.execute(
-          'SELECT x.labeller, x.query_id, x.choice, q.oracle_reward_a, q.oracle_reward_b '
-          'FROM queue_answers x JOIN queue_queries q USING (query_id)').fetchall()
-    per = {n: {'name': n, 'answers': 0, 'skips': 0, 'ties': 0, 'agree': 0, 'n_oracle': 0} for n in names}
-    choices: dict[str, dict[int, str]] = {n: {} for n in names}
-    for name, qid, choice, ra, rb in answers:
-      p = per.setdefault(name, {'name': name, 'answers': 0, 'skips': 0, 'ties': 0, 'agree': 0, 'n_oracle': 0})
-      p['answers'] += 1
-      p['skips'] += choice == 'skip'
-      p['ties'] += choice == 'tie'
-      if choice != 'skip':
-        choices.setdefault(name, {})[qid] = choice
-      if choice in ('a', 'b') and ra is not None and rb is not None and ra != rb:
-        p['n_oracle'] += 1
-        p['agree'] += (choice == 'a') == (ra > rb)
-    labellers = []
-    for p in per.values():
-      agree, n = p.pop('agree'), p['n_oracle']
-      labellers.append({'name': p['name'], 'answers': p['answers'], 'skips': p['skips'], 'ties': p['ties'],
-                        'agree_with_oracle': agree / n if n else None, 'n_oracle': n})
-    ordered = sorted(per)
-    pairwise = []
-    for i, a in enumerate(ordered):
-      for b in ordered[i + 1:]:
-        both = set(choices.get(a, {})) & set(choices.get(b, {}))
-        same = sum(choices[a][q] == choices[b][q] for q in both)
-        pairwise.append({'a': a, 'b': b, 'overlap': len(both),
-                         'agreement': same / len(both) if both else None})
-    return {'labellers': labellers, 'pairwise': pairwise}
+      return agreement.labeller_report(db)
 
   def counts(self) -> dict:
     """Queries enqueued and resolved, answers given, and answers beyond what resolution needed
