@@ -195,6 +195,7 @@ def create_app(workdir: str, *, configured_store: str = '',
     for d in hidden_dirs:
       message = message.replace(d, '<run directory>')
     return message
+
   owner = owner_token(secrets_dir)
   key = order_key(secrets_dir)
   opened: list = []  # The LabelQueue, once open (it keeps one SQLite connection per thread).

@@ -104,7 +104,7 @@
   // answer (the first try may have been committed; a replay is then refused as already answered,
   // which tells us it was). Any other refusal is shown and the page moves on.
   async function send(id, choice) {
-    for (let attempt = 0, delay = 500; ; attempt++, delay = Math.min(2 * delay, 8000)) {
+    for (let attempt = 0, delay = 500; ; attempt++, delay = Math.min(2 * delay, 2000)) {
       try {
         const {status: code, data} = await call('/api/answer', {query_id: id, choice: choice});
         if (code === 200 || (attempt > 0 && code === 409 && data.kind === 'AlreadyAnswered')) {
