@@ -31,6 +31,9 @@ else may answer it any more (every other labeller has answered it, so its decidi
 reach answers_per_query without the skipper), it is offered again to the skipper once they have
 nothing else to do, and their next answer replaces the skip. The run owner sees such queries
 (`waiting()`) and can `drop()` one (resolve it from the answers in) or `reassign()` it to someone.
+
+Beside this module: labellers.py (accounts and tokens), agreement.py (the owner's agreement
+statistics), queue_errors.py (what is refused, with the HTTP status the web server answers).
 """
 from __future__ import annotations
 
