@@ -19,16 +19,19 @@ sys.path.insert(0, REPO)
 from benchmarks import kill_resume as kr  # noqa: E402
 
 CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
-STEPS, BATCH = 2, 16
+STEPS, BATCH = 2, 4
 
 
 def test_one_labeller_skips_with_two_answers_per_query_and_two_labellers_the_run_finishes(tmp_path):
   from pilaf_jax.label_server import app as server_app
   from pilaf_jax.labelling.queue import LabelQueue, QueueError
   workdir = str(tmp_path / 'run')
-  overrides = ['--config.oracle.reward=human', '--config.labelling.answers_per_query=2',
-               f'--config.online.steps={STEPS}', f'--config.eval.every_steps={STEPS}', '--config.sft.steps=20',
-               '--config.labelling.poll_seconds=0.02', '--config.eval.num_prompts=64', '--config.eval.batch_size=64']
+  # The browser test's run (tests/test_label_browser.py, LOOP_OVERRIDES) at its cheapest, so that the
+  # two share compiled programs through the suite's compilation cache.
+  overrides = ['--config.oracle.reward=human', f'--config.online.steps={STEPS}', f'--config.dpo.batch_size={BATCH}',
+               '--config.sampler.name=vanilla', '--config.sft.steps=5', '--config.eval.num_prompts=4',
+               '--config.eval.batch_size=4', '--config.labelling.answers_per_query=2',
+               '--config.labelling.poll_seconds=0.02']
   stop = threading.Event()
   seen: dict = {'alice': [], 'bob': [], 'offered_again': 0, 'errors': []}
 
