@@ -91,9 +91,14 @@ def run(config, workdir: str) -> int:
   from pilaf_jax import config_validation
   from pilaf_jax.config_validation import ConfigError
   from pilaf_jax.labelling.label_store import LabelStoreMismatch
+  from pilaf_jax.checkpointing import RestoreError
   from pilaf_jax.model.checkpoints import CheckpointError
-  user_errors = (ConfigError, LabelStoreMismatch, CheckpointError)
+  user_errors = (ConfigError, LabelStoreMismatch, CheckpointError, RestoreError)
 
+  import sqlite3
+  from pilaf_jax.workdir_lock import WorkdirBusy, WorkdirError, file_system_error
+  user_errors += (WorkdirBusy, WorkdirError)
+  lock = None
   try:
     config_validation.validate(config)
     config = config_validation.resolve_checkpoints(config)
@@ -107,39 +112,74 @@ def run(config, workdir: str) -> int:
       paths.check_remote(workdir)  # A gs:// workdir: gcsfs installed, bucket reachable.
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    paths.makedirs(workdir)  # A local directory, or a gs:// URL (see pilaf_jax/paths.py).
+    lock = _lock_workdir(workdir)  # Before anything is written there; released on exit.
     experiment.check_workdir(config, workdir)
     exp = experiment.Experiment(config, workdir)  # Opens (and checks) the label store.
     experiment.write_workdir(config, workdir)  # Only once everything agreed with the workdir.
   except user_errors as e:
+    _release(lock)
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except (OSError, sqlite3.Error) as e:
+    _release(lock)
+    print(f'error: {file_system_error(e, f"--workdir={workdir}")}', file=sys.stderr)
+    return 2
 
-  _print(f'pilaf_jax: {config.loop} DPO, sampler={config.sampler.name}, oracle={config.oracle.name}, '
-         f'beta={config.beta}, seed={config.seed}, workdir={workdir}')
   try:
-    if config.loop == 'online':
-      from pilaf_jax.loops.online import run_online
-      run_online(exp, _print)
-    else:
-      from pilaf_jax.loops.iterative import run_iterative
-      run_iterative(exp, _print)
-    counts = exp.store.counts() if exp.store is not None else None
-    time_split = exp.phases.summary()
-  except user_errors as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  finally:
-    exp.close()
+    _print(f'pilaf_jax: {config.loop} DPO, sampler={config.sampler.name}, oracle={config.oracle.name}, '
+           f'beta={config.beta}, seed={config.seed}, workdir={workdir}')
+    try:
+      if config.loop == 'online':
+        from pilaf_jax.loops.online import run_online
+        run_online(exp, _print)
+      else:
+        from pilaf_jax.loops.iterative import run_iterative
+        run_iterative(exp, _print)
+      counts = exp.store.counts() if exp.store is not None else None
+      time_split = exp.phases.summary()
+    except user_errors as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    except (OSError, sqlite3.Error) as e:  # Disk full, a workdir gone read-only, ...
+      print(f'error: {file_system_error(e, f"writing to --workdir={workdir} failed")}', file=sys.stderr)
+      return 2
+    finally:
+      exp.close()
 
-  if counts is not None:  # Process 0 holds the label store and writes the metrics.
-    metrics = paths.join(workdir, 'metrics.jsonl')
-    rows = [json.loads(line) for line in paths.read_text(metrics).splitlines() if line.strip()]
-    print('\n' + format_table(rows))
-    print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '
-          f'Wall time {timer.elapsed():.0f} s. Metrics: {metrics}')
-    print(time_split, flush=True)
-  return 0
+    if counts is not None:  # Process 0 holds the label store and writes the metrics.
+      metrics = paths.join(workdir, 'metrics.jsonl')
+      rows = [json.loads(line) for line in paths.read_text(metrics).splitlines() if line.strip()]
+      print('\n' + format_table(rows))
+      print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '
+            f'Wall time {timer.elapsed():.0f} s. Metrics: {metrics}')
+      print(time_split, flush=True)
+    return 0
+  finally:
+    _release(lock)
+
+
+def _lock_workdir(workdir: str):
+  """Creates the workdir and takes its lock (process 0; every process learns the outcome)."""
+  import jax
+  from pilaf_jax import checkpointing, workdir_lock
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      workdir_lock.prepare_workdir(workdir)
+      from pilaf_jax import paths
+      paths.makedirs(workdir)  # A local directory, or a gs:// URL (see pilaf_jax/paths.py).
+      lock = workdir_lock.WorkdirLock(workdir)
+      lock.acquire()
+    except (workdir_lock.WorkdirBusy, workdir_lock.WorkdirError) as e:
+      lock, error = None, e
+  if checkpointing.worst_outcome(int(error is not None)):
+    raise error or workdir_lock.WorkdirBusy(f'process 0 could not take the workdir {workdir} (see its log).')
+  return lock
+
+
+def _release(lock) -> None:
+  if lock is not None:
+    lock.release()
 
 
 def _parse_flags(argv):
