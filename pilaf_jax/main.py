@@ -16,8 +16,28 @@ from ml_collections import config_flags
 _USER_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
 
 
+def _config_file_traceback(e: Exception) -> str:
+  """The traceback of an error raised by the config file's own code (a bug in it), else ''."""
+  import traceback
+  text = str(e)
+  if isinstance(e, flags.Error) and 'Error whilst parsing config file' in text and 'Traceback' in text:
+    return text[text.index('Traceback'):].replace('\\n', '\n')  # config_flags formats it into the message.
+  library = (os.sep + 'ml_collections' + os.sep, os.sep + 'absl' + os.sep, os.path.abspath(__file__))
+  frames = traceback.extract_tb(e.__traceback__)
+  if any(not f.filename.startswith('<') and not any(m in f.filename for m in library) for f in frames):
+    return ''.join(traceback.format_exception(type(e), e, e.__traceback__))
+  return ''
+
+
 def _exit_bad_command_line(e: Exception) -> None:
-  """User mistakes (unknown fields, bad values, missing files) in one line, not a traceback."""
+  """User mistakes (unknown fields, bad values, missing files) in one line, not a traceback; an error
+  raised by the config file's own code is shown with its traceback, where it happened."""
+  trace = _config_file_traceback(e)
+  if trace:
+    raised = trace.strip().splitlines()[-1].split(':')[0]
+    print(f'{trace.rstrip()}\nerror: the config file raised {raised} (above: a bug in the file, '
+          'not an unknown field).', file=sys.stderr)
+    sys.exit(2)
   message = ' '.join(str(e).replace('\\n', '\n').replace("\\'", "'").split()).strip('\'"')
   if isinstance(e, (KeyError, AttributeError)):  # An override of a field the config lacks.
     name, _, hint = message.partition(' Did you mean')
