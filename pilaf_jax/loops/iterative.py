@@ -121,19 +121,27 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
         return rows
       data = _concat(data)
       start_epoch = position['epoch'] if i == position['iteration'] else 0
+      resumed_inside = i == position['iteration'] and (position['epoch'], position['minibatch']) != (0, 0)
+      if not resumed_inside:  # Bought now: every row from here on counts them (a checkpoint taken
+        # inside this iteration holds them already).
+        run = run.replace(labels_used=run.labels_used + chunks * batch)
+        cost = cost.add(data.pairs.cost)
       for e in range(start_epoch, it.epochs):
         order = jax.random.permutation(exp._key(SHUFFLE_STREAM, i * 1_000_003 + e), chunks * batch)
         start_mb = position['minibatch'] if (i == position['iteration'] and e == start_epoch) else 0
         for k in range(start_mb, steps_per_epoch):
           minibatch = jax.tree.map(lambda x: x[order[k * batch:(k + 1) * batch]],
                                    data.replace(pairs=data.pairs.replace(cost=None)))
-          run = run.replace(train=exp.train(run.train, minibatch)[0])
+          train, metrics = exp.train(run.train, minibatch)
+          run = run.replace(train=train)
           step += 1
           bar.update()
+          if step % c.runtime.log_every_steps == 0:
+            metrics = jax.device_get(metrics)
+            writer.scalars(metrics, step)
+            writer.scalars(exp.phases.row(), step, prefix='time/')
+            bar.set_postfix(loss=f'{float(metrics["dpo_loss"]):.3f}')
           last = e == it.epochs - 1 and k == steps_per_epoch - 1
-          if last:  # The iteration's data now counts as used.
-            run = run.replace(labels_used=run.labels_used + chunks * batch)
-            cost = cost.add(data.pairs.cost)
           if step % c.eval.every_steps == 0 or last:
             evaluate(i + 1 if last else i)
           if exp.checkpointer.due(step) or last or preemption.requested:
