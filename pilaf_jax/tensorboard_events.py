@@ -6,7 +6,7 @@ second per launch) and the Google Cloud client.
 
 Record framing (TFRecord): uint64 length, uint32 masked CRC-32C of the length, the bytes, uint32
 masked CRC-32C of the bytes, all little-endian. Event fields: 1 wall_time (double), 2 step (int64),
-3 file_version (string), 5 summary (Summary), 6 session_log (SessionLog). Summary: 1 value (repeated
+3 file_version (string), 5 summary (Summary), 7 session_log (SessionLog). Summary: 1 value (repeated
 Summary.Value); Value: 1 tag (string), 2 simple_value (float). SessionLog: 1 status (enum; START = 1),
 3 msg (string). A resumed run writes SessionLog START at the step it continues from: TensorBoard then
 drops the interrupted run's points from that step on, instead of drawing them beside the new ones.
@@ -73,7 +73,7 @@ def _event(wall_time: float, step: int, *, file_version: str = '', summary: byte
   if summary:
     out += _bytes_field(5, summary)
   if session_log:
-    out += _bytes_field(6, session_log)
+    out += _bytes_field(7, session_log)
   return out
 
 
