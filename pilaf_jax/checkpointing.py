@@ -118,11 +118,17 @@ def structure_difference(saved_tree: Any, target: Any) -> str:
 
 
 def mismatch_error(where: str, error: BaseException, saved_tree: Any, target: Any) -> RestoreError:
+  """A RestoreError naming the first differing leaf. saved_tree: () -> the checkpoint's tree metadata."""
   diff = ''
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # orbax warns about metadata files it does not need here.
   try:
     diff = structure_difference(saved_tree(), target) if callable(saved_tree) else ''
   except Exception:  # pylint: disable=broad-except
     pass  # Naming the leaf is a courtesy; orbax's own message follows.
+  finally:
+    absl_logger.setLevel(level)
   detail = diff or _one_line(error)[:300]
   return RestoreError(f'checkpoint {where} does not match the state this code builds ({detail}); '
                       'nothing was deleted. Resume with the code version that wrote it, or use a fresh '
