@@ -108,21 +108,23 @@ def dry_run(config) -> int:
 
 def run(config, workdir: str) -> int:
   """The whole experiment; returns the process exit code."""
+  import sqlite3
+  from pilaf_jax.workdir_lock import WorkdirBusy, WorkdirError, file_system_error
+  try:  # First of all: of two loops started a moment apart, the first to start is the one that runs.
+    lock = _lock_single_process_workdir(config, workdir)
+  except (WorkdirBusy, WorkdirError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   from pilaf_jax import config_validation
   from pilaf_jax.config_validation import ConfigError
   from pilaf_jax.labelling.label_store import LabelStoreMismatch
   from pilaf_jax.checkpointing import RestoreError
   from pilaf_jax.model.checkpoints import CheckpointError
-  user_errors = (ConfigError, LabelStoreMismatch, CheckpointError, RestoreError)
-
-  import sqlite3
-  from pilaf_jax.workdir_lock import WorkdirBusy, WorkdirError, file_system_error
-  user_errors += (WorkdirBusy, WorkdirError)
-  lock = None
+  user_errors = (ConfigError, LabelStoreMismatch, CheckpointError, RestoreError, WorkdirBusy, WorkdirError)
   try:
+    from pilaf_jax.parallel import multihost
     config_validation.validate(config)
     config = config_validation.resolve_checkpoints(config)
-    from pilaf_jax.parallel import multihost
     multihost.initialize_distributed(config.distributed)
     from pilaf_jax import experiment
     from pilaf_jax.loops.common import Timer, format_table
@@ -132,7 +134,8 @@ def run(config, workdir: str) -> int:
       paths.check_remote(workdir)  # A gs:// workdir: gcsfs installed, bucket reachable.
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    lock = _lock_workdir(workdir)  # Before anything is written there; released on exit.
+    if lock is None:
+      lock = _lock_workdir(workdir)  # Before anything is written there; released on exit.
     experiment.check_workdir(config, workdir)
     exp = experiment.Experiment(config, workdir)  # Opens (and checks) the label store.
     experiment.write_workdir(config, workdir)  # Only once everything agreed with the workdir.
@@ -176,6 +179,22 @@ def run(config, workdir: str) -> int:
     return 0
   finally:
     _release(lock)
+
+
+def _lock_single_process_workdir(config, workdir: str):
+  """The workdir's lock, taken before any heavy import, for a single-process run on a local workdir
+  (the common case); None otherwise (_lock_workdir takes it once every process is up)."""
+  from pilaf_jax import paths, workdir_lock
+  from pilaf_jax.parallel.multihost import resolve_settings
+  try:
+    if resolve_settings(config.distributed).enabled or paths.is_remote(workdir):
+      return None
+  except ValueError:
+    return None  # validate() reports it.
+  workdir_lock.prepare_workdir(workdir)
+  lock = workdir_lock.WorkdirLock(workdir)
+  lock.acquire()
+  return lock
 
 
 def _lock_workdir(workdir: str):

@@ -479,3 +479,47 @@ def test_structure_mismatch_exits_2_in_one_line_and_deletes_nothing(short_run, t
   line = _one_line_exit_2(result)
   assert 'new_leaf' in line and 'nothing was deleted' in line
   assert _listing(workdir / 'checkpoints') == before
+
+
+def test_iterative_counts_labels_when_bought_and_logs_training_scalars(tmp_path):
+  from tensorboardX.proto import event_pb2
+  from test_tensorboard_events import _records
+  workdir = tmp_path / 'iterative'
+  result = _main(workdir, '--config.loop=iterative', '--config.iterative.iterations=1',
+                 '--config.iterative.prompts_per_iteration=32', '--config.iterative.epochs=2',
+                 '--config.eval.every_steps=1', '--config.runtime.log_every_steps=1', *SHORT[1:], timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [0, 1, 2, 3, 4]
+  assert [r['labels_used'] for r in rows] == [0, 32, 32, 32, 32]  # Bought before step 1's update.
+  assert rows[1]['oracle_responses'] == rows[-1]['oracle_responses'] > 0
+  (events,) = list((workdir / 'tensorboard').iterdir())
+  logged = {(v.tag, e.step) for e in (event_pb2.Event.FromString(r) for r in _records(str(events)))
+            for v in e.summary.value}
+  assert {('train/dpo_loss', s) for s in (1, 2, 3, 4)} <= logged
+
+
+def test_two_loops_on_one_workdir_second_refused_first_as_solo(short_run, tmp_path):
+  """The small version of benchmarks/concurrent_loops.py: the second loop starts once the first holds
+  the lock, exits 2 in one line; the first ends with the solo run's metrics and labels."""
+  from benchmarks import kill_resume as kr
+  workdir = tmp_path / 'shared'
+  cmd = [sys.executable, '-m', 'pilaf_jax.main', f'--config={TINY}', f'--workdir={workdir}', *SHORT]
+  first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                           cwd=REPO)
+  try:
+    deadline = time.monotonic() + 120
+    while not ((workdir / '.lock').exists() and (workdir / '.lock').read_text()) and first.poll() is None:
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    second = _main(workdir, *SHORT)
+    line = _one_line_exit_2(second)
+    assert f'pid {first.pid}' in line
+    log, _ = first.communicate(timeout=600)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert first.returncode == 0, log[-3000:]
+  largest, problems = kr.metrics_difference(kr.read_metrics(str(short_run)), kr.read_metrics(str(workdir)))
+  assert not problems, problems
+  assert kr.labels_lost(kr.store_rows(str(short_run))['rows'], kr.store_rows(str(workdir))['rows']) == []
