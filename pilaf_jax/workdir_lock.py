@@ -75,6 +75,20 @@ def _holder() -> dict:
           'heartbeat': time.time()}
 
 
+def _dead_here(holder: dict) -> bool:
+  """True when the holder ran on this host and its process no longer exists (a SIGKILLed run
+  resumed on the same machine need not wait for the heartbeat to go stale)."""
+  if holder.get('host') != socket.gethostname() or not isinstance(holder.get('pid'), int):
+    return False
+  try:
+    os.kill(holder['pid'], 0)
+  except ProcessLookupError:
+    return True
+  except OSError:
+    return False
+  return False
+
+
 def _describe(holder: dict, workdir: str) -> str:
   since = holder.get('started')
   when = time.strftime(' since %Y-%m-%d %H:%M:%S UTC', time.gmtime(since)) if since else ''
@@ -147,10 +161,13 @@ class WorkdirLock:
         if '412' not in str(e) and 'recondition' not in str(e):
           raise
       holder, generation, age = self._read_remote(fs)
-      if age is None or age < self.stale_after_s:
-        raise WorkdirBusy(_describe(holder, self.workdir))
+      dead = _dead_here(holder)
+      if not dead and age < self.stale_after_s:
+        raise WorkdirBusy(_describe(holder, self.workdir) + f' Its last heartbeat was {age:.0f} s ago; '
+                          f'a lock without one for {self.stale_after_s:.0f} s is taken over.')
+      why = 'its process is gone' if dead else f'it sent no heartbeat for {age:.0f} s'
       print(f'note: taking over the lock of {self.workdir}: its holder ({holder.get("host")}, pid '
-            f'{holder.get("pid")}) sent no heartbeat for {age:.0f} s (crashed).', flush=True)
+            f'{holder.get("pid")}) crashed ({why}).', flush=True)
       bucket, key = self._split()
       try:  # Only the lock object we judged stale: a concurrent taker's new lock survives.
         fs.call('DELETE', 'b/{}/o/{}', bucket, key, ifGenerationMatch=generation)

@@ -278,6 +278,15 @@ def test_object_store_lock_precondition_heartbeat_and_stale_takeover(monkeypatch
   assert 'gs://b/run/.lock' in bucket.objects
   second.release()
   assert 'gs://b/run/.lock' not in bucket.objects
+  # A holder on this host whose process is gone (SIGKILLed, resumed on the same machine) is taken
+  # over at once, heartbeat or not.
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  bucket.pipe_file('gs://b/run/.lock', json.dumps({'host': socket.gethostname(), 'pid': dead.pid,
+                                                   'heartbeat': time.time()}).encode())
+  third = workdir_lock.WorkdirLock('gs://b/run', stale_after_s=60)
+  third.acquire()
+  third.release()
 
 
 # --- bad workdirs and broken configs: exit 2, one line --------------------------------------------
