@@ -10,8 +10,34 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+
+def _lock_before_imports():
+  """(lock, error): the workdir's lock, tried as the very first thing when this module runs as a
+  program, so that of two loops started a moment apart the first to start is the one that runs
+  (importing jax takes seconds, more on a loaded machine). Only for what can be a single-process run
+  on a local workdir, judged from the command line and environment alone; run() decides (a refusal
+  is final only once the config says single-process). (None, None) when not tried."""
+  args = sys.argv[1:]
+  if (os.environ.get('PILAF_COORDINATOR') or os.environ.get('PILAF_NUM_PROCESSES', '1') not in ('', '1')
+      or any(a.startswith(('--config.distributed', '--dry_run', '--help', '--helpfull')) for a in args)):
+    return None, None
+  workdir = next((a.split('=', 1)[1] for a in args if a.startswith('--workdir=')), None)
+  if not workdir or '://' in workdir:
+    return None, None
+  from pilaf_jax import workdir_lock
+  try:
+    workdir_lock.prepare_workdir(workdir)
+    lock = workdir_lock.WorkdirLock(workdir)
+    lock.acquire()
+    return lock, None
+  except (workdir_lock.WorkdirBusy, workdir_lock.WorkdirError) as e:
+    return None, e
+
+
+_EARLY_LOCK, _EARLY_ERROR = _lock_before_imports() if __name__ == '__main__' else (None, None)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _USER_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
 
@@ -184,13 +210,22 @@ def run(config, workdir: str) -> int:
 def _lock_single_process_workdir(config, workdir: str):
   """The workdir's lock, taken before any heavy import, for a single-process run on a local workdir
   (the common case); None otherwise (_lock_workdir takes it once every process is up)."""
+  global _EARLY_LOCK
   from pilaf_jax import paths, workdir_lock
   from pilaf_jax.parallel.multihost import resolve_settings
   try:
-    if resolve_settings(config.distributed).enabled or paths.is_remote(workdir):
-      return None
+    single = not resolve_settings(config.distributed).enabled and not paths.is_remote(workdir)
   except ValueError:
-    return None  # validate() reports it.
+    single = False  # validate() reports it.
+  if not single:  # _lock_workdir takes it once every process is up.
+    if _EARLY_LOCK is not None:
+      _EARLY_LOCK.release()
+      _EARLY_LOCK = None
+    return None
+  if _EARLY_ERROR is not None:
+    raise _EARLY_ERROR
+  if _EARLY_LOCK is not None:
+    return _EARLY_LOCK
   workdir_lock.prepare_workdir(workdir)
   lock = workdir_lock.WorkdirLock(workdir)
   lock.acquire()
