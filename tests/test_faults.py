@@ -535,3 +535,50 @@ def test_two_loops_on_one_workdir_second_refused_first_as_solo(short_run, tmp_pa
   largest, problems = kr.metrics_difference(kr.read_metrics(str(short_run)), kr.read_metrics(str(workdir)))
   assert not problems, problems
   assert kr.labels_lost(kr.store_rows(str(short_run))['rows'], kr.store_rows(str(workdir))['rows']) == []
+
+
+@pytest.mark.parametrize('case', ['transient', 'mismatch', 'unreadable', 'unreadable_given'])
+def test_cached_reference_follows_the_same_rules(tmp_path, monkeypatch, case):
+  import orbax.checkpoint as ocp
+  from pilaf_jax.config_validation import ConfigError
+  from pilaf_jax.experiment import Experiment
+  cached = tmp_path / 'reference' / 'params'
+  saver = ocp.StandardCheckpointer()
+  saver.save(cached, _tree())
+  saver.wait_until_finished()
+  given = str(tmp_path / 'reference') if case == 'unreadable_given' else ''
+  fake = types.SimpleNamespace(config=types.SimpleNamespace(sft=types.SimpleNamespace(init_checkpoint=given)))
+  target = _tree(extra=case == 'mismatch')
+  if case.startswith('unreadable'):
+    victim = max((p for p in cached.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(victim, victim.stat().st_size // 2)
+  if case == 'transient':
+    real, calls = ocp.StandardCheckpointer.restore, []
+
+    def flaky(self, *args, **kwargs):
+      calls.append(1)
+      if len(calls) <= 2:
+        raise OSError(5, 'Input/output error')
+      return real(self, *args, **kwargs)
+    monkeypatch.setattr(ocp.StandardCheckpointer, 'restore', flaky)
+  before = _listing(tmp_path)
+  messages = []
+  restore = lambda: Experiment._restore_reference(fake, cached, target, messages.append)
+  if case == 'transient':
+    params = restore()
+    np.testing.assert_array_equal(params['a'], np.arange(3))
+    assert _listing(tmp_path) == before
+  elif case == 'mismatch':
+    with pytest.raises(RestoreError, match='opt.count'):
+      restore()
+    assert _listing(tmp_path) == before
+  elif case == 'unreadable_given':  # Another run's reference: refused, left as it is.
+    with pytest.raises(ConfigError, match='sft.init_checkpoint'):
+      restore()
+    assert _listing(tmp_path) == before
+  else:  # The workdir's own cache: set aside whole (then trained again by the caller).
+    assert restore() is None
+    assert not cached.exists()
+    (aside,) = list((tmp_path / 'reference.unreadable').iterdir())
+    assert sorted(_listing(aside).values()) == sorted(before.values())
+    assert any('set aside' in m for m in messages)
