@@ -49,7 +49,7 @@ class MetricsWriter:
       self._flush_rows()
     self._tb = ScalarEventWriter(self._tb_local)
     if resume_step is not None:
-      self._tb.add_session_start(resume_step + 1)
+      self._tb.add_restart_marker(resume_step + 1)
 
   def _flush_rows(self) -> None:
     paths.write_text_atomic(self.path, ''.join(r + '\n' for r in self._rows))

@@ -62,23 +62,23 @@ def _bytes_field(number: int, payload: bytes) -> bytes:
   return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-SESSION_START = 1  # SessionLog.SessionStatus.START
+START_STATUS = 1  # SessionLog's status START
 
 
 def _event(wall_time: float, step: int, *, file_version: str = '', summary: bytes = b'',
-           session_log: bytes = b'') -> bytes:
+           restart: bytes = b'') -> bytes:
   out = _varint(1 << 3 | 1) + struct.pack('<d', wall_time) + _varint(2 << 3 | 0) + _varint(step)
   if file_version:
     out += _bytes_field(3, file_version.encode())
   if summary:
     out += _bytes_field(5, summary)
-  if session_log:
-    out += _bytes_field(7, session_log)
+  if restart:
+    out += _bytes_field(7, restart)
   return out
 
 
-def session_log(status: int, msg: str = '') -> bytes:
-  """A SessionLog message (status, and an optional note)."""
+def status_record(status: int, msg: str = '') -> bytes:
+  """A SessionLog message (Event field 7): a status, and an optional note."""
   return _varint(1 << 3 | 0) + _varint(status) + (_bytes_field(3, msg.encode()) if msg else b'')
 
 
@@ -116,10 +116,10 @@ class ScalarEventWriter:
   def add_scalar(self, tag: str, value: float, step: int) -> None:
     self._file.write(tfrecord(_event(time.time(), int(step), summary=scalar_summary(tag, float(value)))))
 
-  def add_session_start(self, step: int) -> None:
+  def add_restart_marker(self, step: int) -> None:
     """TensorBoard's restart marker: points of an earlier run at steps >= step are stale."""
-    self._file.write(tfrecord(_event(time.time(), int(step), session_log=session_log(
-        SESSION_START, f'resumed at step {step}'))))
+    self._file.write(tfrecord(_event(time.time(), int(step), restart=status_record(
+        START_STATUS, f'resumed at step {step}'))))
     self.flush()
 
   def flush(self) -> None:
