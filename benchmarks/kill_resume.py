@@ -5,6 +5,7 @@ run ends, without losing or re-buying labels?
   python benchmarks/kill_resume.py --config=configs/tiny.py --kills=8 --seed=1
   python benchmarks/kill_resume.py --steps=20 --config.loop=iterative  # --config.* passes through
   python benchmarks/kill_resume.py --config=configs/tiny.py --worker=external --worker_kills=8
+  python benchmarks/kill_resume.py --config=configs/tiny.py --kills=20 --moments=mixed
 
 It runs `python -m pilaf_jax.main` in three fresh workdirs: (1) uninterrupted; (2) uninterrupted
 again, loading (1)'s SFT reference and compiled programs, to time the loop itself and to check that
@@ -14,7 +15,9 @@ same command after each kill, then run to the end (it too loads (1)'s reference)
 Kill moments: K points drawn uniformly (seeded) over (2)'s loop time, in order; each launch, which
 resumes from its newest checkpoint (about step/total of the way through that time), is killed when
 it reaches the next point, counted from its first progress (a newly enqueued batch, label batch or
-checkpoint); at once if it is already past it. Where each kill landed is read from what it left
+checkpoint); at once if it is already past it. --moments=mixed makes every second and third kill wait
+further for a checkpoint write in flight (an orbax temporary directory) or a label commit under way
+(a batch whose queries are all answered, its labels not yet committed), at most 30 s. Where each kill landed is read from what it left
 behind: an async checkpoint still being written ('saving', alongside whatever the loop was doing),
 a batch in the labelling queue whose labels were not committed yet ('labelling'), nothing written
 yet ('startup'), else 'sampling/training' (online) or 'sampling'/'training' of an iteration.
@@ -94,6 +97,9 @@ class State:
   saving: tuple = ()  # Checkpoint directories still being written (orbax temporaries).
   answers: int = 0  # Answers in the labelling queue.
   partly_answered: int = 0  # Batches with some but not all queries resolved (an oracle mid-batch).
+  # Batches whose every query is resolved but whose labels are not committed to the store yet: the
+  # loop is inside a label commit (between the oracle's last answer and the labelled batch's commit).
+  resolved_uncommitted: int = 0
 
   @property
   def batches(self) -> int:
@@ -126,7 +132,7 @@ class StateReader:
     return self._db
 
   def read(self) -> State:
-    queried, batches, answers, partly = (), frozenset(), 0, 0
+    queried, batches, answers, partly, uncommitted = (), frozenset(), 0, 0, 0
     for _ in range(20):
       try:
         db = self._connection()
@@ -140,12 +146,17 @@ class StateReader:
                 'SELECT COUNT(*) FROM (SELECT SUM(resolved) AS r, COUNT(*) AS n FROM queue_queries WHERE '
                 'batch_key IN (SELECT batch_key FROM queue_queries WHERE resolved=0) GROUP BY batch_key) '
                 'WHERE r > 0').fetchone()[0]
+            uncommitted = db.execute(
+                'SELECT COUNT(*) FROM (SELECT batch_key, SUM(resolved) AS r, COUNT(*) AS n FROM queue_queries '
+                'WHERE batch_key NOT IN (SELECT batch_key FROM batches) GROUP BY batch_key) WHERE r = n'
+            ).fetchone()[0]
         break
       except sqlite3.Error:  # Tables not created yet, or busy for a moment: try again.
         self.close()
         time.sleep(0.005)
     steps, saving = checkpoint_dirs(self.workdir)
-    return State(queried, batches, tuple(sorted(steps)), tuple(sorted(saving)), answers, partly)
+    return State(queried, batches, tuple(sorted(steps)), tuple(sorted(saving)), answers, partly,
+                 uncommitted)
 
   def close(self) -> None:
     if self._db is not None:
@@ -239,11 +250,15 @@ def launch(cmd: Sequence[str], workdir: str, log_path: str, env: dict, *,
            kill_when: Optional[Callable[[State, float], bool]] = None,
            kill_after_progress: Optional[float] = None, sig: int = signal.SIGKILL,
            loop: str = 'online', chunks: int = 0, poll_s: float = 0.003,
-           timeout_s: float = 1800.0) -> Launch:
+           timeout_s: float = 1800.0, kill_moment: Optional[Callable[[State, State], bool]] = None,
+           patience_s: float = 30.0) -> Launch:
   """Runs cmd once (cwd: the repository root; output to log_path). With kill_when(state,
   seconds_since_launch) or kill_after_progress (seconds after this launch's first progress: a new
   oracle query, label batch or checkpoint), sends `sig` as soon as that holds. The workdir is polled
-  every poll_s seconds, so the signal lands within a few milliseconds of the condition."""
+  every poll_s seconds, so the signal lands within a few milliseconds of the condition.
+  kill_moment(state, before): with kill_after_progress, the kill waits past the delay for the first
+  poll where this holds (e.g. a checkpoint write in flight, a label commit under way), at most
+  patience_s seconds more."""
   before = read_state(workdir)
   start = time.monotonic()
   first_progress = None
@@ -267,9 +282,11 @@ def launch(cmd: Sequence[str], workdir: str, log_path: str, env: dict, *,
                                        or set(state.saving) - set(before.saving)
                                        or state.queries != before.queries):
           first_progress = now
-        fire = (kill_when is not None and kill_when(state, now)) or (
-            kill_after_progress is not None and first_progress is not None
-            and now - first_progress >= kill_after_progress)
+        due = (kill_after_progress is not None and first_progress is not None
+               and now - first_progress >= kill_after_progress)
+        if due and kill_moment is not None:
+          due = kill_moment(state, before) or now - first_progress >= kill_after_progress + patience_s
+        fire = (kill_when is not None and kill_when(state, now)) or due
         if fire and proc.poll() is None:
           proc.send_signal(sig)
           at_kill = state
@@ -293,6 +310,8 @@ def launch(cmd: Sequence[str], workdir: str, log_path: str, env: dict, *,
     phase = f'signal {signal.Signals(sig).name}, exit status {rc}'
   else:
     phase = infer_phase(before, after, log, loop, chunks)
+    if at_kill is not None and at_kill.resolved_uncommitted:
+      phase = f'inside a label commit (a batch resolved, its labels not yet committed); {phase}'
   return Launch(rc, killed, seconds, phase, before, at_kill, after, log, first_progress)
 
 
@@ -548,6 +567,15 @@ class WorkerKiller:
 
 # --- the benchmark ------------------------------------------------------------------------------------
 
+# --moments=mixed: what each kill waits for once its delay has passed.
+KILL_KINDS = ('random', 'checkpoint write', 'label commit')
+KILL_MOMENTS = {
+    'random': None,
+    'checkpoint write': lambda state, before: bool(set(state.saving) - set(before.saving)),
+    'label commit': lambda state, before: state.resolved_uncommitted > 0,
+}
+
+
 def _override(overrides: Sequence[str], name: str, default):
   for o in overrides:
     if o.startswith(f'--config.{name}='):
@@ -568,6 +596,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--worker', choices=('inline', 'external'), default='inline',
                       help="who answers the oracle's queries: the loop (inline) or a separate "
                            'pilaf_jax.labelling.worker process beside every run (external)')
+  parser.add_argument('--moments', choices=('random', 'mixed'), default='random',
+                      help='random: each kill at its random moment; mixed: kills cycle through a random '
+                           'moment, the first moment after it with a checkpoint write in flight, and the '
+                           'first with a label commit under way (each at most 30 s later)')
   parser.add_argument('--worker_kills', type=int, default=5,
                       help='--worker=external: SIGKILLs of the worker during the killed run (each '
                            'restarted at once)')
@@ -665,8 +697,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for k, target in enumerate(targets):
     done = max(read_state(killed_dir).checkpoints, default=0)
     delay = max(target - done / total_steps * loop_s, 0.0)
+    kind = KILL_KINDS[k % len(KILL_KINDS)] if args.moments == 'mixed' else 'random'
+    if kind != 'random':
+      delay = min(delay, 0.5 * loop_s * (1 - done / total_steps))  # Leave time for the moment to come.
     result = launch(cmd, killed_dir, os.path.join(root, f'killed_{k}.log'), env, kill_after_progress=delay,
-                    loop=loop, chunks=chunks)
+                    loop=loop, chunks=chunks, kill_moment=KILL_MOMENTS[kind])
+    result.phase = f'[{kind}] {result.phase}'
+
     launches.append(result)
     where = (f'{result.phase}; store {result.after.batches} batches, checkpoints '
              f'{list(result.after.checkpoints)}')

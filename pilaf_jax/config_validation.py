@@ -88,6 +88,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
              '(with oracle.checkpoint).')
     _require(bool(c.oracle.checkpoint), f'oracle.reward={c.oracle.reward!r} needs oracle.checkpoint.')
     _require(c.oracle.max_len >= 2, f'oracle.max_len={c.oracle.max_len} must be >= 2.')
+    _require(c.oracle.overlong in ('truncate', 'error'),
+             f"oracle.overlong={c.oracle.overlong!r}; allowed: 'truncate', 'error'.")
   for name in ('dpo.batch_size', 'sft.batch_size', 'sft.steps', 'eval.batch_size', 'eval.num_prompts',
                'eval.every_steps', 'online.steps', 'iterative.iterations',
                'iterative.prompts_per_iteration', 'iterative.epochs', 'checkpoint.every_steps',
@@ -148,11 +150,22 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
           if k.split('.')[0] not in EXECUTION_FIELDS and k not in EXECUTION_FIELD_NAMES}
 
 
+# Lengths a finished (or interrupted) run may be extended by: resuming with a larger value continues
+# it; a smaller one is refused (the run is already past it).
+GROWABLE_FIELDS = ('online.steps', 'iterative.iterations')
+
+
 def differing_fields(saved: dict, current: dict) -> list[str]:
-  """'field: saved -> current' for every field that differs (JSON round-trip normalises types)."""
+  """'field: saved -> current' for every field that differs (JSON round-trip normalises types),
+  except a GROWABLE_FIELDS value that grew."""
   saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
+
+  def grew(k):
+    a, b = saved.get(k), current.get(k)
+    return k in GROWABLE_FIELDS and isinstance(a, int) and isinstance(b, int) and b >= a
   return [f'{k}: {saved.get(k, "<absent>")!r} -> {current.get(k, "<absent>")!r}'
-          for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+          + (' (may only grow)' if k in GROWABLE_FIELDS else '')
+          for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and not grew(k)]
 
 
 def resolve_checkpoints(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

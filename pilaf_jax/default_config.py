@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
       checkpoint='',  # reward_model / judge: HF directory, .gguf file or package:<pkg>/<file>.
       tokenizer='',  # '' = the oracle checkpoint's own.
       max_len=512,  # Tokens of (conversation + response) the oracle reads; longer ones keep the end.
+      overlong='truncate',  # Longer inputs: 'truncate' (keep the end; counted and logged) | 'error'.
       reward_scale=1.0,  # r* = reward_scale * score (Bradley-Terry labels depend on the scale).
       dtype='float32',  # The oracle model's params and activations (bfloat16 for large reward models).
   ))

@@ -235,17 +235,12 @@ class Experiment:
     directory = paths.as_path(c.sft.init_checkpoint or paths.join(self.workdir, 'reference'))
     target = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           self.placement.abstract_params, self.placement.params)
-    if paths.exists(directory / 'params'):
-      try:
-        params = ocp.StandardCheckpointer().restore(directory / 'params', target)
+    cached = directory / 'params'
+    if paths.exists(cached):
+      params = self._restore_reference(cached, target, log)
+      if params is not None:
         log(f'Reference policy loaded from {directory}.')
         return params
-      except Exception as e:  # pylint: disable=broad-except
-        if c.sft.init_checkpoint:
-          raise ConfigError(f'sft.init_checkpoint={c.sft.init_checkpoint!r} could not be restored for '
-                            f'this model ({type(e).__name__}: {str(e)[:300]}).') from None
-        log(f'warning: the cached reference in {directory} is unreadable ({type(e).__name__}); '
-            'training it again.')
     elif c.sft.init_checkpoint:
       raise ConfigError(f'sft.init_checkpoint={c.sft.init_checkpoint!r} holds no params/ directory.')
     params = train_reference(self.task, self.model, self.placement, c.sft,
@@ -254,6 +249,42 @@ class Experiment:
     checkpointer.save(directory / 'params', params, force=True)
     checkpointer.wait_until_finished()
     return params
+
+  def _restore_reference(self, cached, target, log) -> Optional[dict]:
+    """The reference at `cached` (retrying transient errors); None when the workdir's own cache is
+    unreadable: it is then set aside (renamed, not deleted) and the caller trains it again. Raises
+    RestoreError / ConfigError otherwise. Every process takes the same path."""
+    given = self.config.sft.init_checkpoint
+    outcome, params, error = 0, None, None  # 0 restored, 1 unreadable, 2 fatal.
+    try:
+      params = checkpointing.with_retries(lambda: ocp.StandardCheckpointer().restore(cached, target),
+                                          f'restoring the reference {cached}', log=log)
+    except checkpointing.RestoreError as e:
+      outcome, error = 2, e
+    except Exception as e:  # pylint: disable=broad-except
+      if checkpointing.is_structure_mismatch(e):
+        outcome, error = 2, checkpointing.mismatch_error(
+            str(cached), e, lambda: ocp.StandardCheckpointer().metadata(cached).item_metadata.tree, target)
+      elif given:
+        outcome, error = 2, ConfigError(f'sft.init_checkpoint={given!r} could not be restored for this '
+                                        f'model ({type(e).__name__}: {str(e)[:300]}).')
+      else:
+        outcome, error = 1, e
+    worst = checkpointing.worst_outcome(outcome)
+    if worst == 0:
+      return params
+    if worst == 2:
+      if error is None or outcome != 2:
+        error = checkpointing.RestoreError(f'restoring the reference {cached} failed on another process '
+                                           '(see its log); nothing was changed.')
+      raise error
+    reason = type(error).__name__ if error is not None else 'on another process'
+    log(f'warning: the cached reference in {cached} is unreadable ({reason}); setting it aside and '
+        'training it again.')
+    if jax.process_index() == 0:
+      checkpointing.set_aside(str(cached), log)
+    checkpointing.worst_outcome(0)  # Every process waits until it is set aside.
+    return None
 
   def initial_policy_params(self, ref_params) -> dict:
     """Where the policy starts: the reference, unless model.checkpoint names another checkpoint."""

@@ -10,14 +10,60 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+
+def _lock_before_imports():
+  """(lock, error): the workdir's lock, tried as the very first thing when this module runs as a
+  program, so that of two loops started a moment apart the first to start is the one that runs
+  (importing jax takes seconds, more on a loaded machine). Only for what can be a single-process run
+  on a local workdir, judged from the command line and environment alone; run() decides (a refusal
+  is final only once the config says single-process). (None, None) when not tried."""
+  args = sys.argv[1:]
+  if (os.environ.get('PILAF_COORDINATOR') or os.environ.get('PILAF_NUM_PROCESSES', '1') not in ('', '1')
+      or any(a.startswith(('--config.distributed', '--dry_run', '--help', '--helpfull')) for a in args)):
+    return None, None
+  workdir = next((a.split('=', 1)[1] for a in args if a.startswith('--workdir=')), None)
+  if not workdir or '://' in workdir:
+    return None, None
+  from pilaf_jax import workdir_lock
+  try:
+    workdir_lock.prepare_workdir(workdir)
+    lock = workdir_lock.WorkdirLock(workdir)
+    lock.acquire()
+    return lock, None
+  except (workdir_lock.WorkdirBusy, workdir_lock.WorkdirError) as e:
+    return None, e
+
+
+_EARLY_LOCK, _EARLY_ERROR = _lock_before_imports() if __name__ == '__main__' else (None, None)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _USER_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
 
 
+def _config_file_traceback(e: Exception) -> str:
+  """The traceback of an error raised by the config file's own code (a bug in it), else ''."""
+  import traceback
+  text = str(e)
+  if isinstance(e, flags.Error) and 'Error whilst parsing config file' in text and 'Traceback' in text:
+    return text[text.index('Traceback'):].replace('\\n', '\n')  # config_flags formats it into the message.
+  library = (os.sep + 'ml_collections' + os.sep, os.sep + 'absl' + os.sep, os.path.abspath(__file__))
+  frames = traceback.extract_tb(e.__traceback__)
+  if any(not f.filename.startswith('<') and not any(m in f.filename for m in library) for f in frames):
+    return ''.join(traceback.format_exception(type(e), e, e.__traceback__))
+  return ''
+
+
 def _exit_bad_command_line(e: Exception) -> None:
-  """User mistakes (unknown fields, bad values, missing files) in one line, not a traceback."""
+  """User mistakes (unknown fields, bad values, missing files) in one line, not a traceback; an error
+  raised by the config file's own code is shown with its traceback, where it happened."""
+  trace = _config_file_traceback(e)
+  if trace:
+    raised = trace.strip().splitlines()[-1].split(':')[0]
+    print(f'{trace.rstrip()}\nerror: the config file raised {raised} (above: a bug in the file, '
+          'not an unknown field).', file=sys.stderr)
+    sys.exit(2)
   message = ' '.join(str(e).replace('\\n', '\n').replace("\\'", "'").split()).strip('\'"')
   if isinstance(e, (KeyError, AttributeError)):  # An override of a field the config lacks.
     name, _, hint = message.partition(' Did you mean')
@@ -88,16 +134,23 @@ def dry_run(config) -> int:
 
 def run(config, workdir: str) -> int:
   """The whole experiment; returns the process exit code."""
+  import sqlite3
+  from pilaf_jax.workdir_lock import WorkdirBusy, WorkdirError, file_system_error
+  try:  # First of all: of two loops started a moment apart, the first to start is the one that runs.
+    lock = _lock_single_process_workdir(config, workdir)
+  except (WorkdirBusy, WorkdirError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   from pilaf_jax import config_validation
   from pilaf_jax.config_validation import ConfigError
   from pilaf_jax.labelling.label_store import LabelStoreMismatch
+  from pilaf_jax.checkpointing import RestoreError
   from pilaf_jax.model.checkpoints import CheckpointError
-  user_errors = (ConfigError, LabelStoreMismatch, CheckpointError)
-
+  user_errors = (ConfigError, LabelStoreMismatch, CheckpointError, RestoreError, WorkdirBusy, WorkdirError)
   try:
+    from pilaf_jax.parallel import multihost
     config_validation.validate(config)
     config = config_validation.resolve_checkpoints(config)
-    from pilaf_jax.parallel import multihost
     multihost.initialize_distributed(config.distributed)
     from pilaf_jax import experiment
     from pilaf_jax.loops.common import Timer, format_table
@@ -107,39 +160,100 @@ def run(config, workdir: str) -> int:
       paths.check_remote(workdir)  # A gs:// workdir: gcsfs installed, bucket reachable.
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    paths.makedirs(workdir)  # A local directory, or a gs:// URL (see pilaf_jax/paths.py).
+    if lock is None:
+      lock = _lock_workdir(workdir)  # Before anything is written there; released on exit.
     experiment.check_workdir(config, workdir)
     exp = experiment.Experiment(config, workdir)  # Opens (and checks) the label store.
     experiment.write_workdir(config, workdir)  # Only once everything agreed with the workdir.
   except user_errors as e:
+    _release(lock)
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except (OSError, sqlite3.Error) as e:
+    _release(lock)
+    print(f'error: {file_system_error(e, f"--workdir={workdir}")}', file=sys.stderr)
+    return 2
 
-  _print(f'pilaf_jax: {config.loop} DPO, sampler={config.sampler.name}, oracle={config.oracle.name}, '
-         f'beta={config.beta}, seed={config.seed}, workdir={workdir}')
   try:
-    if config.loop == 'online':
-      from pilaf_jax.loops.online import run_online
-      run_online(exp, _print)
-    else:
-      from pilaf_jax.loops.iterative import run_iterative
-      run_iterative(exp, _print)
-    counts = exp.store.counts() if exp.store is not None else None
-    time_split = exp.phases.summary()
-  except user_errors as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  finally:
-    exp.close()
+    _print(f'pilaf_jax: {config.loop} DPO, sampler={config.sampler.name}, oracle={config.oracle.name}, '
+           f'beta={config.beta}, seed={config.seed}, workdir={workdir}')
+    try:
+      if config.loop == 'online':
+        from pilaf_jax.loops.online import run_online
+        run_online(exp, _print)
+      else:
+        from pilaf_jax.loops.iterative import run_iterative
+        run_iterative(exp, _print)
+      counts = exp.store.counts() if exp.store is not None else None
+      time_split = exp.phases.summary()
+    except user_errors as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    except (OSError, sqlite3.Error) as e:  # Disk full, a workdir gone read-only, ...
+      print(f'error: {file_system_error(e, f"writing to --workdir={workdir} failed")}', file=sys.stderr)
+      return 2
+    finally:
+      exp.close()
 
-  if counts is not None:  # Process 0 holds the label store and writes the metrics.
-    metrics = paths.join(workdir, 'metrics.jsonl')
-    rows = [json.loads(line) for line in paths.read_text(metrics).splitlines() if line.strip()]
-    print('\n' + format_table(rows))
-    print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '
-          f'Wall time {timer.elapsed():.0f} s. Metrics: {metrics}')
-    print(time_split, flush=True)
-  return 0
+    if counts is not None:  # Process 0 holds the label store and writes the metrics.
+      metrics = paths.join(workdir, 'metrics.jsonl')
+      rows = [json.loads(line) for line in paths.read_text(metrics).splitlines() if line.strip()]
+      print('\n' + format_table(rows))
+      print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '
+            f'Wall time {timer.elapsed():.0f} s. Metrics: {metrics}')
+      print(time_split, flush=True)
+    return 0
+  finally:
+    _release(lock)
+
+
+def _lock_single_process_workdir(config, workdir: str):
+  """The workdir's lock, taken before any heavy import, for a single-process run on a local workdir
+  (the common case); None otherwise (_lock_workdir takes it once every process is up)."""
+  global _EARLY_LOCK
+  from pilaf_jax import paths, workdir_lock
+  from pilaf_jax.parallel.multihost import resolve_settings
+  try:
+    single = not resolve_settings(config.distributed).enabled and not paths.is_remote(workdir)
+  except ValueError:
+    single = False  # validate() reports it.
+  if not single:  # _lock_workdir takes it once every process is up.
+    if _EARLY_LOCK is not None:
+      _EARLY_LOCK.release()
+      _EARLY_LOCK = None
+    return None
+  if _EARLY_ERROR is not None:
+    raise _EARLY_ERROR
+  if _EARLY_LOCK is not None:
+    return _EARLY_LOCK
+  workdir_lock.prepare_workdir(workdir)
+  lock = workdir_lock.WorkdirLock(workdir)
+  lock.acquire()
+  return lock
+
+
+def _lock_workdir(workdir: str):
+  """Creates the workdir and takes its lock (process 0; every process learns the outcome)."""
+  import jax
+  from pilaf_jax import checkpointing, workdir_lock
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      workdir_lock.prepare_workdir(workdir)
+      from pilaf_jax import paths
+      paths.makedirs(workdir)  # A local directory, or a gs:// URL (see pilaf_jax/paths.py).
+      lock = workdir_lock.WorkdirLock(workdir)
+      lock.acquire()
+    except (workdir_lock.WorkdirBusy, workdir_lock.WorkdirError) as e:
+      lock, error = None, e
+  if checkpointing.worst_outcome(int(error is not None)):
+    raise error or workdir_lock.WorkdirBusy(f'process 0 could not take the workdir {workdir} (see its log).')
+  return lock
+
+
+def _release(lock) -> None:
+  if lock is not None:
+    lock.release()
 
 
 def _parse_flags(argv):

@@ -22,8 +22,11 @@ from pilaf_jax.tensorboard_events import ScalarEventWriter
 class MetricsWriter:
 
   def __init__(self, workdir: str, resume_step: Optional[int] = None, step_key: str = 'step'):
-    """resume_step: rows written after this step by an interrupted run are dropped (they will be
-    recomputed), so a resumed run's file equals an uninterrupted run's."""
+    """resume_step: the step the run resumes from (-1: a fresh run). Rows written after it by an
+    interrupted run are dropped (they will be recomputed), so a resumed run's file equals an
+    uninterrupted run's, and TensorBoard gets a restart marker at resume_step + 1 (it then hides
+    the interrupted run's points from there on). Required when metrics.jsonl exists: without it
+    the writer cannot tell which of its rows to keep, and refuses rather than empty the file."""
     self.enabled = jax.process_index() == 0
     self.path = paths.join(workdir, 'metrics.jsonl')
     self._tb = None
@@ -33,6 +36,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     if paths.exists(self.path):
+      if resume_step is None and paths.read_text(self.path).strip():
+        raise ValueError(f'{self.path} holds rows of an earlier run: pass resume_step (the step this run '
+                         'resumes from, or -1 to start afresh and replace them).')
       for line in paths.read_text(self.path).splitlines():
         try:
           row = json.loads(line)
@@ -42,6 +48,8 @@ class MetricsWriter:
           self._rows.append(json.dumps(row))
       self._flush_rows()
     self._tb = ScalarEventWriter(self._tb_local)
+    if resume_step is not None:
+      self._tb.add_restart_marker(resume_step + 1)
 
   def _flush_rows(self) -> None:
     paths.write_text_atomic(self.path, ''.join(r + '\n' for r in self._rows))

@@ -6,8 +6,10 @@ second per launch) and the Google Cloud client.
 
 Record framing (TFRecord): uint64 length, uint32 masked CRC-32C of the length, the bytes, uint32
 masked CRC-32C of the bytes, all little-endian. Event fields: 1 wall_time (double), 2 step (int64),
-3 file_version (string), 5 summary (Summary). Summary: 1 value (repeated Summary.Value); Value:
-1 tag (string), 2 simple_value (float).
+3 file_version (string), 5 summary (Summary), 7 session_log (SessionLog). Summary: 1 value (repeated
+Summary.Value); Value: 1 tag (string), 2 simple_value (float). SessionLog: 1 status (enum; START = 1),
+3 msg (string). A resumed run writes SessionLog START at the step it continues from: TensorBoard then
+drops the interrupted run's points from that step on, instead of drawing them beside the new ones.
 """
 from __future__ import annotations
 
@@ -60,13 +62,24 @@ def _bytes_field(number: int, payload: bytes) -> bytes:
   return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _event(wall_time: float, step: int, *, file_version: str = '', summary: bytes = b'') -> bytes:
+START_STATUS = 1  # SessionLog's status START
+
+
+def _event(wall_time: float, step: int, *, file_version: str = '', summary: bytes = b'',
+           restart: bytes = b'') -> bytes:
   out = _varint(1 << 3 | 1) + struct.pack('<d', wall_time) + _varint(2 << 3 | 0) + _varint(step)
   if file_version:
     out += _bytes_field(3, file_version.encode())
   if summary:
     out += _bytes_field(5, summary)
+  if restart:
+    out += _bytes_field(7, restart)
   return out
+
+
+def status_record(status: int, msg: str = '') -> bytes:
+  """A SessionLog message (Event field 7): a status, and an optional note."""
+  return _varint(1 << 3 | 0) + _varint(status) + (_bytes_field(3, msg.encode()) if msg else b'')
 
 
 def scalar_summary(tag: str, value: float) -> bytes:
@@ -102,6 +115,12 @@ class ScalarEventWriter:
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
     self._file.write(tfrecord(_event(time.time(), int(step), summary=scalar_summary(tag, float(value)))))
+
+  def add_restart_marker(self, step: int) -> None:
+    """TensorBoard's restart marker: points of an earlier run at steps >= step are stale."""
+    self._file.write(tfrecord(_event(time.time(), int(step), restart=status_record(
+        START_STATUS, f'resumed at step {step}'))))
+    self.flush()
 
   def flush(self) -> None:
     self._file.flush()

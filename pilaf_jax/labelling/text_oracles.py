@@ -10,8 +10,9 @@ Both run the same Flax decoder with a score head on the hidden state of the last
 
 The oracle always reads text: the policy's response is detokenised and re-rendered with the
 oracle's tokenizer, so an oracle with another tokenizer or template than the policy's works
-unchanged. Sequences are left-padded (and truncated keeping the end) to oracle.max_len tokens,
-so one program serves every batch.
+unchanged. Sequences are left-padded to oracle.max_len tokens, so one program serves every batch.
+A longer one loses its start (the BOS and chat header first): it is counted and logged
+(oracle.overlong='truncate'), or refused (oracle.overlong='error').
 """
 from __future__ import annotations
 
@@ -43,9 +44,12 @@ def conversation_text(messages: Sequence[dict], response: str) -> str:
 class TextOracle:
   """fn(conversations, responses) -> rewards [n] (numpy): scale * score of each response."""
 
-  def __init__(self, kind: str, model: Llama, params, tokenizer, *, max_len: int, scale: float, mesh):
+  def __init__(self, kind: str, model: Llama, params, tokenizer, *, max_len: int, scale: float, mesh,
+               overlong: str = 'truncate', log=print):
     self.kind, self.model, self.params, self.tokenizer = kind, model, params, tokenizer
     self.max_len, self.scale, self.mesh = max_len, scale, mesh
+    self.overlong, self.log = overlong, log
+    self.truncated = 0  # Inputs cut to max_len so far (they lost their start).
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     from pilaf_jax.model.reward_model import sequence_scores
     shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -68,10 +72,22 @@ class TextOracle:
     n = len(responses)
     tokens = np.full((n, self.max_len), self.pad_id, np.int32)
     valid = np.zeros((n, self.max_len), bool)
+    cut, longest = 0, 0
     for i, (messages, response) in enumerate(zip(conversations, responses)):
-      ids = self.render(messages, response)[-self.max_len:]
+      ids = self.render(messages, response)
+      if len(ids) > self.max_len:
+        if self.overlong == 'error':
+          raise ConfigError(f'An oracle input has {len(ids)} tokens, over oracle.max_len={self.max_len}; '
+                            "raise oracle.max_len, or set oracle.overlong='truncate' to keep its end.")
+        cut, longest = cut + 1, max(longest, len(ids))
+        ids = ids[-self.max_len:]
       tokens[i, self.max_len - len(ids):] = ids
       valid[i, self.max_len - len(ids):] = True
+    if cut:
+      self.truncated += cut
+      self.log(f'warning: the oracle cut {cut} of {n} inputs to oracle.max_len={self.max_len} tokens (the '
+               f'longest had {longest}; their start, with the BOS and chat header, is lost); '
+               f'{self.truncated} so far. Raise oracle.max_len, or set oracle.overlong=\'error\'.')
     return tokens, valid
 
   def __call__(self, conversations, responses) -> np.ndarray:
@@ -116,4 +132,5 @@ def make_text_oracle(oracle_cfg, mesh) -> TextOracle:
     raise ConfigError(f'The oracle tokenizer of {c.tokenizer or c.checkpoint!r} has no chat template.')
   if kind == 'judge':
     params = judge_score_head(params, cfg, single_token_id(tokenizer, 'Yes'), single_token_id(tokenizer, 'No'))
-  return TextOracle(kind, Llama(cfg), params, tokenizer, max_len=c.max_len, scale=c.reward_scale, mesh=mesh)
+  return TextOracle(kind, Llama(cfg), params, tokenizer, max_len=c.max_len, scale=c.reward_scale, mesh=mesh,
+                    overlong=c.get('overlong', 'truncate'))

@@ -30,19 +30,37 @@ def _concat(batches: list[PreferenceBatch]) -> PreferenceBatch:
   return data.replace(pairs=data.pairs.replace(cost=cost))
 
 
-def _branch_point(exp: Experiment, run: RunState):
-  """iterative.init_checkpoint: (step, run state, meta) of another run's latest checkpoint."""
+def _branch_point(exp: Experiment, run: RunState, log=print):
+  """iterative.init_checkpoint: (step, run state, meta) of the checkpoint that ends iteration 1 of
+  another run. Its directory is opened read-only: nothing there is ever changed."""
   directory = exp.config.iterative.init_checkpoint
   if not paths.isdir(directory):
     raise ConfigError(f'iterative.init_checkpoint={directory!r} is not a directory of checkpoints '
                       '(e.g. <workdir of a vanilla run>/checkpoints).')
-  source = checkpointing.Checkpointer(directory, max_to_keep=1000, every_steps=1, every_seconds=1e9,
-                                      async_save=False)
-  restored = source.restore_latest(run)
-  source.close()
-  if restored is None or restored[2].get('loop') != 'iterative':
-    raise ConfigError(f'iterative.init_checkpoint={directory!r} holds no readable iterative-DPO checkpoint.')
-  return restored
+  source = checkpointing.Checkpointer(directory, max_to_keep=1, every_steps=1, every_seconds=1e9,
+                                      read_only=True)
+  try:
+    found = []
+    for step in reversed(source.all_steps()):
+      meta = source.read_meta(step, log)
+      if meta is None:
+        continue
+      found.append(f'step {step}: iteration {meta.get("iteration")}, epoch {meta.get("epoch")}, '
+                   f'minibatch {meta.get("minibatch")}')
+      if (meta.get('loop') == 'iterative' and meta.get('iteration') == 1 and meta.get('epoch') == 0
+          and meta.get('minibatch') == 0):
+        state, meta = source.restore(step, run, log)
+        return step, state, meta
+  except checkpointing.RestoreError as e:
+    raise ConfigError(f'iterative.init_checkpoint={directory!r}: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except  (an unreadable checkpoint: left as it is)
+    raise ConfigError(f'iterative.init_checkpoint={directory!r}: the checkpoint that ends iteration 1 is '
+                      f'unreadable ({type(e).__name__}); it was left as it is.') from None
+  finally:
+    source.close()
+  raise ConfigError(f'iterative.init_checkpoint={directory!r} holds no readable iterative-DPO checkpoint '
+                    'that ends iteration 1 (iteration 1, epoch 0, minibatch 0); found: '
+                    + ('; '.join(found[:5]) or 'none') + '. Branch from a run with iterative.iterations=1.')
 
 
 def run_iterative(exp: Experiment, log=print) -> list[dict]:
@@ -50,12 +68,12 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
   it = c.iterative
   ref_params = exp.reference_params(log)
   run = exp.init_run_state(ref_params)
-  restored = exp.checkpointer.restore_latest(run)
+  restored = exp.checkpointer.restore_latest(run, log)
   position = {'iteration': 0, 'epoch': 0, 'minibatch': 0}
   step, cost = 0, CostTotals()
   fresh = restored is None
   if restored is None and it.init_checkpoint:
-    restored = _branch_point(exp, run)
+    restored = _branch_point(exp, run, log)
     log(f'Branching from {it.init_checkpoint} at iteration {restored[2]["iteration"]}, '
         f'step {restored[0]}.')
   if restored is not None:
@@ -103,19 +121,27 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
         return rows
       data = _concat(data)
       start_epoch = position['epoch'] if i == position['iteration'] else 0
+      resumed_inside = i == position['iteration'] and (position['epoch'], position['minibatch']) != (0, 0)
+      if not resumed_inside:  # Bought now: every row from here on counts them (a checkpoint taken
+        # inside this iteration holds them already).
+        run = run.replace(labels_used=run.labels_used + chunks * batch)
+        cost = cost.add(data.pairs.cost)
       for e in range(start_epoch, it.epochs):
         order = jax.random.permutation(exp._key(SHUFFLE_STREAM, i * 1_000_003 + e), chunks * batch)
         start_mb = position['minibatch'] if (i == position['iteration'] and e == start_epoch) else 0
         for k in range(start_mb, steps_per_epoch):
           minibatch = jax.tree.map(lambda x: x[order[k * batch:(k + 1) * batch]],
                                    data.replace(pairs=data.pairs.replace(cost=None)))
-          run = run.replace(train=exp.train(run.train, minibatch)[0])
+          train, metrics = exp.train(run.train, minibatch)
+          run = run.replace(train=train)
           step += 1
           bar.update()
+          if step % c.runtime.log_every_steps == 0:
+            metrics = jax.device_get(metrics)
+            writer.scalars(metrics, step)
+            writer.scalars(exp.phases.row(), step, prefix='time/')
+            bar.set_postfix(loss=f'{float(metrics["dpo_loss"]):.3f}')
           last = e == it.epochs - 1 and k == steps_per_epoch - 1
-          if last:  # The iteration's data now counts as used.
-            run = run.replace(labels_used=run.labels_used + chunks * batch)
-            cost = cost.add(data.pairs.cost)
           if step % c.eval.every_steps == 0 or last:
             evaluate(i + 1 if last else i)
           if exp.checkpointer.due(step) or last or preemption.requested:

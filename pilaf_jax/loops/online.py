@@ -20,7 +20,7 @@ def run_online(exp: Experiment, log=print) -> list[dict]:
   c = exp.config
   ref_params = exp.reference_params(log)
   run = exp.init_run_state(ref_params)
-  restored = exp.checkpointer.restore_latest(run)
+  restored = exp.checkpointer.restore_latest(run, log)
   start, cost = 0, CostTotals()
   if restored is not None:
     start, run, meta = restored

@@ -26,7 +26,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import struct
 from typing import Any, Optional
 
@@ -468,19 +467,23 @@ def save_hf_checkpoint(path: str, cfg: LlamaConfig, params: Any, *,
       f.close()
   if not writer:
     return
-  os.replace(os.path.join(root, 'model.safetensors.tmp'), os.path.join(root, 'model.safetensors'))
-  stale = os.path.join(root, 'model.safetensors.index.json')
-  if os.path.exists(stale):
-    os.remove(stale)  # It would point at shards this save did not write.
-  with open(os.path.join(root, 'config.json'), 'w') as out_f:
-    json.dump(_config_json(cfg, info, num_labels, dtype, max_position_embeddings), out_f, indent=2)
+  # The small files first, each written whole (temporary file and rename): the weights' rename
+  # below is the last step, so a directory that holds model.safetensors also holds its config.
+  from pilaf_jax import paths
+  paths.write_text_atomic(os.path.join(root, 'config.json'), json.dumps(
+      _config_json(cfg, info, num_labels, dtype, max_position_embeddings), indent=2))
   gen = {'bos_token_id': info.bos_token_id if info else None,
          'eos_token_id': list(info.eos_token_ids) if info and info.eos_token_ids else None,
          'pad_token_id': info.pad_token_id if info else None}
-  with open(os.path.join(root, 'generation_config.json'), 'w') as out_f:
-    json.dump({k: v for k, v in gen.items() if v is not None}, out_f, indent=2)
+  paths.write_text_atomic(os.path.join(root, 'generation_config.json'),
+                          json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
   if tokenizer_dir:
     src = resolve_path(tokenizer_dir)
     for file in _TOKENIZER_FILES:
       if os.path.isfile(os.path.join(src, file)):
-        shutil.copyfile(os.path.join(src, file), os.path.join(root, file))
+        paths.write_bytes_atomic(os.path.join(root, file), paths.read_bytes(os.path.join(src, file)))
+  stale = os.path.join(root, 'model.safetensors.index.json')
+  if os.path.exists(stale):
+    os.remove(stale)  # It would point at shards this save did not write.
+  os.replace(os.path.join(root, 'model.safetensors.tmp'), os.path.join(root, 'model.safetensors'))
+  paths._fsync_dir(root)  # pylint: disable=protected-access
