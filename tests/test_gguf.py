@@ -224,6 +224,9 @@ def test_round_trip_untied_into_shardings(tmp_path):
 
   bf16_cfg, bf16, _ = load_gguf_checkpoint(str(path), dtype='bfloat16')
   assert bf16_cfg.param_dtype == 'bfloat16' and bf16['lm_head']['kernel'].dtype == jnp.bfloat16
+  assert bf16_cfg.dtype == 'bfloat16'  # Activations follow the weights...
+  mixed_cfg, _, _ = load_gguf_checkpoint(str(path), dtype='bfloat16', activation_dtype='float32')
+  assert (mixed_cfg.param_dtype, mixed_cfg.dtype) == ('bfloat16', 'float32')  # ... unless told.
 
   other = tmp_path / 'gpt2.gguf'
   _write_llama_gguf(other, cfg, params, arch='gpt2')

@@ -92,8 +92,8 @@ def gguf_tokenizer(path: str):
   return load_gguf_tokenizer(resolve_path(path))
 
 
-def _config_and_info(reader, path: str, dtype: str,
-                     tensor_names: set[str]) -> tuple[LlamaConfig, CheckpointInfo]:
+def _config_and_info(reader, path: str, dtype: str, tensor_names: set[str],
+                     activation_dtype: Optional[str] = None) -> tuple[LlamaConfig, CheckpointInfo]:
   arch = _field(reader, 'general.architecture')
   if arch != 'llama':
     raise CheckpointError(f'{path}: GGUF architecture is {arch!r}; expected a llama-architecture '
@@ -122,6 +122,7 @@ def _config_and_info(reader, path: str, dtype: str,
     raise CheckpointError(f'{path}: llama.rope.dimension_count={rotary_dims} differs from the head '
                           f'size {head_dim}; expected rotary over whole heads.')
   dtype = jnp.dtype(dtype).name
+  activation_dtype = jnp.dtype(activation_dtype or dtype).name
   cfg = LlamaConfig(
       vocab_size=len(tokens), hidden_size=hidden,
       intermediate_size=int(need('feed_forward_length')), num_layers=int(need('block_count')),
@@ -130,7 +131,8 @@ def _config_and_info(reader, path: str, dtype: str,
       rope_theta=_float32(_field(reader, 'llama.rope.freq_base', 10_000.0)),
       rms_norm_eps=_float32(need('attention.layer_norm_rms_epsilon')),
       tie_embeddings='output.weight' not in tensor_names,
-      attention_bias='blk.0.attn_q.bias' in tensor_names, dtype=dtype, param_dtype=dtype)
+      attention_bias='blk.0.attn_q.bias' in tensor_names, dtype=activation_dtype,
+      param_dtype=dtype)
 
   token_id = lambda key: None if _field(reader, key) is None else int(_field(reader, key))
   eos = [token_id(k) for k in ('tokenizer.ggml.eos_token_id', 'tokenizer.ggml.eot_token_id')]
@@ -190,11 +192,13 @@ def read_gguf_config(path: str) -> tuple[LlamaConfig, CheckpointInfo]:
 
 
 def load_gguf_checkpoint(path: str, dtype: str = 'float32', shardings: Any = None,
-                         scan_layers: Optional[bool] = None) -> tuple[LlamaConfig, dict, CheckpointInfo]:
+                         scan_layers: Optional[bool] = None,
+                         activation_dtype: Optional[str] = None) -> tuple[LlamaConfig, dict, CheckpointInfo]:
   """Reads a llama-architecture GGUF file into (config, params, info).
 
-  path: a filesystem path or `package:<package>/<file>`. dtype: of the returned parameters (and of
-  the config's dtype / param_dtype). shardings: None (default device), one Sharding for every
+  path: a filesystem path or `package:<package>/<file>`. dtype: of the returned parameters (the
+  config's param_dtype) and, unless activation_dtype says otherwise, of the activations (the
+  config's dtype). shardings: None (default device), one Sharding for every
   leaf, or a tree shaped like the params; each tensor is then assembled with
   jax.make_array_from_callback as soon as it is dequantised.
   """
@@ -203,7 +207,7 @@ def load_gguf_checkpoint(path: str, dtype: str = 'float32', shardings: Any = Non
   path = resolve_path(path)
   reader = _reader(path)
   by_name = reader.tensors_by_name
-  cfg, info = _config_and_info(reader, path, dtype, set(by_name))
+  cfg, info = _config_and_info(reader, path, dtype, set(by_name), activation_dtype)
   # Scanned layers (model.scan_layers): load per layer, then stack (see hf.load_hf_checkpoint).
   stacked_shardings = None
   if scan_layers is None:
