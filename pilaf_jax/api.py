@@ -69,8 +69,8 @@ def _check_settings(policy, ref, sampler: str, beta: float, max_new_tokens: int,
                      f'[0, {vocab}).')
   if not (isinstance(pad_id, (int, np.integer)) and 0 <= pad_id < vocab):
     raise ValueError(f'pad_id={pad_id!r} must be a token id in [0, {vocab}).')
-  if not temperature > 0:
-    raise ValueError(f'temperature={temperature!r} must be > 0.')
+  if not temperature >= 0:
+    raise ValueError(f'temperature={temperature!r} must be >= 0 (0: greedy, the first arg-max).')
   if not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
     raise ValueError(f'top_k={top_k!r} must be an integer >= 0 (0: no top-k filter).')
   if not 0 < top_p <= 1:
@@ -115,7 +115,8 @@ def make_pair_sampler(policy: Llama, ref: Llama, *, sampler: str = 'pilaf', beta
   beta: the PILAF mixing strength (use your DPO beta). max_new_tokens: R, the response length;
   responses stop at any of eos_ids (EOS is kept in the mask) and are padded with pad_id.
   allowed_tokens: optional [V] bool numpy mask of the tokens a response may contain (applied when
-  sampling and in the log-probs alike). temperature / top_k / top_p are applied after mixing.
+  sampling and in the log-probs alike). temperature / top_k / top_p are applied after mixing;
+  temperature=0 decodes greedily (the first arg-max, no noise).
 
   prompts: a PromptBatch of left-padded tokens [B, P] and mask [B, P]; rng: a jax PRNG key. The
   result is a PairBatch: responses, response_mask, policy_logprobs, ref_logprobs [B, 2, R] (per-token

@@ -2,7 +2,8 @@ r"""Runs one experiment: python -m pilaf_jax.main --config=configs/<name>.py --w
 
 Without --config it runs the embedded default (online DPO with PILAF on the synthetic task, CPU,
 minutes). Any field can be overridden: --config.sampler.name=vanilla --config.seed=3. Running again
-with the same workdir resumes where the run stopped.
+with the same workdir resumes where the run stopped. --help_config lists every config field with
+its default and meaning.
 """
 from __future__ import annotations
 
@@ -82,13 +83,16 @@ try:  # With a default file, config_flags applies --config.* overrides right her
 except _USER_ERRORS as e:
   _exit_bad_command_line(e)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, labels and metrics.')
+flags.DEFINE_bool('help_config', False, 'Print every config field with its default and meaning, '
+                  'then exit.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved config, the mesh and the per-device '
                              'memory estimate, then exit without running (no --workdir needed).')
 
 
 def _config_list() -> str:
-  """One line per config file in the repository's configs/ (its docstring's first line)."""
+  """One line per config file in the repository's configs/ (its docstring's first sentence)."""
   import ast
+  from pilaf_jax.config_help import first_sentence
   directory = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
   if not os.path.isdir(directory):
     return ''
@@ -97,7 +101,7 @@ def _config_list() -> str:
     if name.endswith('.py'):
       with open(os.path.join(directory, name)) as f:
         doc = ast.get_docstring(ast.parse(f.read())) or ''
-      lines.append(f'  configs/{name:<24} {doc.splitlines()[0] if doc else ""}')
+      lines.append(f'  configs/{name:<24} {first_sentence(doc.split(chr(10) * 2)[0])}')
   return '\n\nConfigs (--config=...):\n' + '\n'.join(lines)
 
 
@@ -256,7 +260,26 @@ def _release(lock) -> None:
     lock.release()
 
 
+_HELP_FLAGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
+
+
+def _exit_after_help(write) -> None:
+  """Runs write() (help text to stdout) and exits 0; a closed pipe (`| head`) is not an error."""
+  try:
+    write()
+    sys.stdout.flush()
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  sys.exit(0)
+
+
 def _parse_flags(argv):
+  # Help is what was asked for, so it exits 0 (absl's own --help exits 1), before any config loads.
+  if '--help_config' in argv[1:]:
+    from pilaf_jax.config_help import format_config_help
+    _exit_after_help(lambda: print(format_config_help()))
+  if any(a in _HELP_FLAGS for a in argv[1:]):
+    _exit_after_help(lambda: app.usage(shorthelp='--helpfull' not in argv[1:], writeto_stdout=True))
   try:
     return flags.FLAGS(argv)
   except _USER_ERRORS as e:
@@ -265,7 +288,9 @@ def _parse_flags(argv):
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    print(f'error: bad command line: unexpected argument {argv[1]!r}; flags are written '
+          '--name=value (e.g. --workdir=runs/x, --config.seed=3; see --help).', file=sys.stderr)
+    sys.exit(2)
   if _DRY_RUN.value:
     try:
       config = _CONFIG.value

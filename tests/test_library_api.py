@@ -144,7 +144,7 @@ def test_inside_your_own_jit(models):
     (dict(eos_ids=TINY_VOCAB), ValueError, r'eos_ids=5 must be one token id .* in \[0, 5\)'),
     (dict(eos_ids=()), ValueError, 'eos_ids=()'),
     (dict(pad_id=-1), ValueError, 'pad_id=-1'),
-    (dict(temperature=0.0), ValueError, 'temperature=0.0 must be > 0'),
+    (dict(temperature=-1.0), ValueError, r'temperature=-1.0 must be >= 0 \(0: greedy'),
     (dict(top_k=-2), ValueError, 'top_k=-2'),
     (dict(top_p=0.0), ValueError, r'top_p=0.0 must lie in \(0, 1\]'),
     (dict(allowed_tokens=np.ones(3, bool)), ValueError,

@@ -137,3 +137,55 @@ def test_early_exit_and_static_shapes(tiny_pair):
   assert ro.tokens.shape == (4, 8) and int(ro.steps) == 1
   np.testing.assert_array_equal(ro.tokens[:, 0], EOS)
   np.testing.assert_array_equal(ro.mask.sum(1), 1)
+
+
+def test_temperature_zero_is_the_first_argmax_ties_included():
+  from pilaf_jax.sampling.mixing import sample_tokens
+  logits = jnp.array([[0.5, 2.0, 2.0, -1.0],       # A tie: the first of the two.
+                      [3.0, 3.0, 3.0, 3.0],         # All tied: index 0.
+                      [-jnp.inf, 1.0, -jnp.inf, 1.0],
+                      [0.1, 0.2, 0.3, 0.4]])        # The last index.
+  want = [1, 0, 1, 3]
+  greedy = filter_logits(logits, temperature=0.0, top_k=2, top_p=0.5)
+  np.testing.assert_array_equal(greedy, np.where(np.eye(4)[want] > 0, 0.0, -np.inf))
+  for seed in range(20):  # No noise: every key gives the same tokens.
+    key = jax.random.key(seed)
+    np.testing.assert_array_equal(sample_tokens(key, logits, greedy=True), want)
+    np.testing.assert_array_equal(sample_tokens(key, greedy, greedy=True), want)
+  # Temperature 1 still samples: the noise moves the tie in row 0 across keys.
+  draws = {int(sample_tokens(jax.random.key(s), logits)[0]) for s in range(50)}
+  assert draws >= {1, 2}
+  with pytest.raises(ValueError, match=r'temperature=-0.5 must be >= 0 \(0: greedy'):
+    _settings(temperature=-0.5)
+
+
+def test_temperature_zero_decodes_the_argmax_of_every_row(tiny_pair):
+  """Policy, mixed and reference rows alike: each token is the first arg-max of its row's
+  distribution given the tokens before it (checked by teacher forcing), whatever the rng."""
+  (policy, pp), (ref, rp) = tiny_pair
+  layout = RowLayout(policy_only=3, mixed=4, ref_only=3)
+  prompts = prompt_batch(10, length=4, left_pad=(1, 0, 2, 0, 0, 1, 0, 0, 3, 0))
+  coef = jnp.array([1.1, 1.1, 0.9, 0.9])
+  allowed = jnp.asarray(TINY_ALLOWED)
+  run = lambda seed: _decode(policy, ref, pp, rp, prompts, coef, jax.random.key(seed), layout=layout,
+                             settings=_settings(6, temperature=0.0), allowed_tokens=allowed)
+  ro = run(0)
+  for seed in (1, 2):
+    np.testing.assert_array_equal(run(seed).tokens, ro.tokens)
+  mask = np.asarray(ro.mask)
+  assert mask[:, 0].all()
+  np.testing.assert_array_equal(np.asarray(ro.sampling_logprobs)[mask], 0.0)
+
+  from pilaf_jax.model.scoring import masked_log_softmax
+  tokens = jnp.concatenate([prompts.tokens, ro.tokens], axis=1)
+  valid = jnp.concatenate([prompts.mask, ro.mask], axis=1)
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+  lp = lambda model, params: np.asarray(masked_log_softmax(
+      model.apply({'params': params}, tokens, positions, valid)[0], allowed))
+  lp_pol, lp_ref = lp(policy, pp), lp(ref, rp)
+  p = prompts.tokens.shape[1]
+  row_coef = np.concatenate([np.ones(3), np.asarray(coef), np.zeros(3)])
+  for i in range(10):
+    for t in np.flatnonzero(mask[i]):
+      dist = np.asarray(mix_logits(lp_pol[i, p - 1 + t], lp_ref[i, p - 1 + t], row_coef[i]))
+      assert ro.tokens[i, t] == np.argmax(dist), (i, t)

@@ -22,9 +22,9 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
   if path.endswith('.gguf'):
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: no such GGUF file')
-    # Needs the `gguf` package; the tokenizer is rebuilt from the file's metadata.
-    return transformers.AutoTokenizer.from_pretrained(
-        os.path.dirname(path) or '.', gguf_file=os.path.basename(path), local_files_only=True)
+    # Rebuilt from the file's own tokenizer.ggml.* metadata (no torch; see gguf_tokenizer.py).
+    from pilaf_jax.data.gguf_tokenizer import load_gguf_tokenizer
+    return load_gguf_tokenizer(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: expected a local tokenizer directory or a .gguf file')
   return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -31,6 +31,9 @@ def sft_step(state: TrainState, prompts: PromptBatch, responses: jax.Array, resp
   return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), {'sft_loss': loss}
 
 
+PROGRESS_SECONDS = 10.0  # At most one SFT progress line this often (none for an SFT this quick).
+
+
 def train_reference(task, model: Llama, placement, sft_cfg, key: Callable[[int, int], jax.Array],
                     log: Callable[[str], None] = print) -> dict:
   """Fine-tunes a fresh model on the task's behaviour demonstrations (task.sft_batch); returns params.
@@ -55,9 +58,13 @@ def train_reference(task, model: Llama, placement, sft_cfg, key: Callable[[int, 
                  out_shardings=(state_sharding, placement.replicated), donate_argnums=0)
 
   start, losses = time.time(), []
+  last_line = start
   for i in range(c.steps):
     state, metrics = step(state, placement.scalar(i))
     losses.append(metrics['sft_loss'])
+    if time.time() - last_line >= PROGRESS_SECONDS and i + 1 < c.steps:  # A slow SFT is not silent.
+      last_line = time.time()
+      log(f'  SFT step {i + 1}/{c.steps}, loss {float(losses[-1]):.3f}, {last_line - start:.0f} s')
   losses = np.asarray(jax.device_get(losses))
   log(f'Reference policy: SFT on behaviour responses, {c.steps} steps in {time.time() - start:.1f} s, '
       f'loss {float(np.mean(losses[:10])):.3f} -> {float(np.mean(losses[-10:])):.3f}.')

@@ -103,6 +103,7 @@ def run_iterative(exp: Experiment, log=print) -> list[dict]:
   try:
     for i in range(position['iteration'], it.iterations):
       sampler = it.first_iteration_sampler if (i == 0 and it.first_iteration_sampler) else c.sampler.name
+      log(f'Iteration {i + 1}/{it.iterations}: sampling {chunks * batch} pairs ({sampler}), step {step}.')
       # Sampling (policy fixed): every chunk goes into the labelling queue first, then the loop waits
       # until every query of the iteration is answered. The prompt stream index is unique per
       # (iteration, chunk).

@@ -59,17 +59,23 @@ def read_checkpoint_config(spec: str):
   return config
 
 
-def load_checkpoint(spec: str, dtype: str = 'float32', shardings=None):
+def load_checkpoint(spec: str, dtype: str = 'float32', shardings=None,
+                    activation_dtype: Optional[str] = None):
   """(LlamaConfig, params, CheckpointInfo): weights read tensor by tensor, each placed straight into
-  its sharding when `shardings` (a pytree of shardings like the params) is given."""
+  its sharding when `shardings` (a pytree of shardings like the params) is given.
+
+  dtype: the parameters' (cfg.param_dtype); activation_dtype: what the model computes in
+  (cfg.dtype), by default `dtype` as well."""
   path = resolve_path(spec)
   cfg, info = read_checkpoint_config(spec)
   if _is_gguf(path):
     from pilaf_jax.model import gguf
-    cfg, params, info = gguf.load_gguf_checkpoint(path, dtype=dtype, shardings=shardings)
+    cfg, params, info = gguf.load_gguf_checkpoint(path, dtype=dtype, shardings=shardings,
+                                                  activation_dtype=activation_dtype)
   else:
     from pilaf_jax.model import hf
-    cfg, params = hf.load_hf_checkpoint(path, dtype=dtype, shardings=shardings)
+    cfg, params = hf.load_hf_checkpoint(path, dtype=dtype, shardings=shardings,
+                                        activation_dtype=activation_dtype)
   return cfg, params, info
 
 

@@ -2,7 +2,8 @@
 
 Hyper-parameters come from the `llama.*` metadata keys, special token ids from `tokenizer.ggml.*`,
 and each tensor is dequantised on the host (gguf.quants.dequantize: Q4_0, Q4_1, Q8_0, K-quants,
-F16, ...) one at a time, so peak host memory is one float32 tensor beyond the result.
+F16, ...) one at a time, so peak host memory is one float32 tensor beyond the result. The header is
+parsed once per file by gguf_file.py and shared with the config reader and the tokenizer.
 
 Tensor names map onto Hugging Face's Llama names (and so onto ours, see llama.py):
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 from typing import Any, Optional
 
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pilaf_jax.model.checkpoints import CheckpointError, CheckpointInfo, resolve_path
+from pilaf_jax.model.gguf_file import GGUFFile, read_gguf_file, tensor_data
 from pilaf_jax.model.llama import LlamaConfig, init_params, is_stacked
 
 # GGUF block tensor -> (module path under layers_N, parameter name for '.weight').
@@ -62,31 +63,13 @@ _TOP_TENSORS = {
 _BLOCK_NAME = re.compile(r'^blk\.(\d+)\.(\w+)\.(weight|bias)$')
 
 
-def _check_file(path: str) -> None:
-  """A one-line CheckpointError unless `path` is a file that starts with the GGUF magic."""
-  if not os.path.isfile(path):
-    raise CheckpointError(f'{path}: no such file; expected a GGUF file (e.g. model.Q4_1.gguf).')
-  with open(path, 'rb') as f:
-    magic = f.read(4)
-  if magic != b'GGUF':
-    raise CheckpointError(f'{path}: not a readable GGUF file (starts with {magic!r}, not b"GGUF"); '
-                          'expected a llama.cpp GGUF model file.')
+def _reader(path: str) -> GGUFFile:
+  """The parsed header of the GGUF file at `path` (cached per file), or a one-line CheckpointError."""
+  return read_gguf_file(path)
 
 
-def _reader(path: str):
-  """A GGUFReader for the file at `path`, or a one-line CheckpointError."""
-  import gguf  # Imported lazily: only GGUF users need the package.
-  _check_file(path)
-  try:
-    return gguf.GGUFReader(path)
-  except Exception as e:  # The reader raises ValueError, struct.error, IndexError, ... on bad input.
-    raise CheckpointError(f'{path}: not a readable GGUF file ({type(e).__name__}: {e}); expected a '
-                          'llama.cpp GGUF model file.') from None
-
-
-def _field(reader, key: str, default: Any = None) -> Any:
-  field = reader.get_field(key)
-  return default if field is None else field.contents()
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+  return reader.get(key, default)
 
 
 def _float32(value) -> float:
@@ -102,18 +85,15 @@ def gguf_chat_template(path: str) -> Optional[str]:
 def gguf_tokenizer(path: str):
   """The file's tokenizer as a transformers tokenizer (offline), chat template included.
 
-  transformers rebuilds it from the tokenizer.ggml.* metadata (it needs the gguf package); nothing
-  is downloaded.
+  Built from the tokenizer.ggml.* metadata (pilaf_jax.data.gguf_tokenizer; no torch for byte-level
+  BPE files such as SmolLM2's); nothing is downloaded.
   """
-  from transformers import AutoTokenizer  # Heavy import, only for callers that want text.
-  path = resolve_path(path)
-  _check_file(path)  # Cheap: parsing the whole header twice would double the cost.
-  return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                       local_files_only=True)
+  from pilaf_jax.data.gguf_tokenizer import load_gguf_tokenizer  # Heavy import: transformers.
+  return load_gguf_tokenizer(resolve_path(path))
 
 
-def _config_and_info(reader, path: str, dtype: str,
-                     tensor_names: set[str]) -> tuple[LlamaConfig, CheckpointInfo]:
+def _config_and_info(reader, path: str, dtype: str, tensor_names: set[str],
+                     activation_dtype: Optional[str] = None) -> tuple[LlamaConfig, CheckpointInfo]:
   arch = _field(reader, 'general.architecture')
   if arch != 'llama':
     raise CheckpointError(f'{path}: GGUF architecture is {arch!r}; expected a llama-architecture '
@@ -131,7 +111,7 @@ def _config_and_info(reader, path: str, dtype: str,
       scaling == 'linear' and float(_field(reader, 'llama.rope.scaling.factor', 1.0)) != 1.0):
     raise CheckpointError(f'{path}: rope scaling ({scaling!r}, rope_freqs) is not supported; '
                           'expected plain rotary (llama.rope.scaling.type absent or "none").')
-  tokens = reader.get_field('tokenizer.ggml.tokens')
+  tokens = reader.get('tokenizer.ggml.tokens')
   if tokens is None:
     raise CheckpointError(f'{path}: GGUF metadata tokenizer.ggml.tokens is missing; expected the '
                           'token list (it gives the vocabulary size).')
@@ -142,15 +122,17 @@ def _config_and_info(reader, path: str, dtype: str,
     raise CheckpointError(f'{path}: llama.rope.dimension_count={rotary_dims} differs from the head '
                           f'size {head_dim}; expected rotary over whole heads.')
   dtype = jnp.dtype(dtype).name
+  activation_dtype = jnp.dtype(activation_dtype or dtype).name
   cfg = LlamaConfig(
-      vocab_size=len(tokens.data), hidden_size=hidden,
+      vocab_size=len(tokens), hidden_size=hidden,
       intermediate_size=int(need('feed_forward_length')), num_layers=int(need('block_count')),
       num_heads=heads, num_kv_heads=int(_field(reader, 'llama.attention.head_count_kv', heads)),
       head_dim=head_dim if head_dim != hidden // heads else None,
       rope_theta=_float32(_field(reader, 'llama.rope.freq_base', 10_000.0)),
       rms_norm_eps=_float32(need('attention.layer_norm_rms_epsilon')),
       tie_embeddings='output.weight' not in tensor_names,
-      attention_bias='blk.0.attn_q.bias' in tensor_names, dtype=dtype, param_dtype=dtype)
+      attention_bias='blk.0.attn_q.bias' in tensor_names, dtype=activation_dtype,
+      param_dtype=dtype)
 
   token_id = lambda key: None if _field(reader, key) is None else int(_field(reader, key))
   eos = [token_id(k) for k in ('tokenizer.ggml.eos_token_id', 'tokenizer.ggml.eot_token_id')]
@@ -206,15 +188,17 @@ def read_gguf_config(path: str) -> tuple[LlamaConfig, CheckpointInfo]:
   """(config, info) from the file's metadata alone (tensors are not read)."""
   path = resolve_path(path)
   reader = _reader(path)
-  return _config_and_info(reader, path, 'float32', {t.name for t in reader.tensors})
+  return _config_and_info(reader, path, 'float32', set(reader.tensors_by_name))
 
 
 def load_gguf_checkpoint(path: str, dtype: str = 'float32', shardings: Any = None,
-                         scan_layers: Optional[bool] = None) -> tuple[LlamaConfig, dict, CheckpointInfo]:
+                         scan_layers: Optional[bool] = None,
+                         activation_dtype: Optional[str] = None) -> tuple[LlamaConfig, dict, CheckpointInfo]:
   """Reads a llama-architecture GGUF file into (config, params, info).
 
-  path: a filesystem path or `package:<package>/<file>`. dtype: of the returned parameters (and of
-  the config's dtype / param_dtype). shardings: None (default device), one Sharding for every
+  path: a filesystem path or `package:<package>/<file>`. dtype: of the returned parameters (the
+  config's param_dtype) and, unless activation_dtype says otherwise, of the activations (the
+  config's dtype). shardings: None (default device), one Sharding for every
   leaf, or a tree shaped like the params; each tensor is then assembled with
   jax.make_array_from_callback as soon as it is dequantised.
   """
@@ -222,8 +206,8 @@ def load_gguf_checkpoint(path: str, dtype: str = 'float32', shardings: Any = Non
   from pilaf_jax.model import hf
   path = resolve_path(path)
   reader = _reader(path)
-  by_name = {t.name: t for t in reader.tensors}
-  cfg, info = _config_and_info(reader, path, dtype, set(by_name))
+  by_name = reader.tensors_by_name
+  cfg, info = _config_and_info(reader, path, dtype, set(by_name), activation_dtype)
   # Scanned layers (model.scan_layers): load per layer, then stack (see hf.load_hf_checkpoint).
   stacked_shardings = None
   if scan_layers is None:
@@ -246,7 +230,7 @@ def load_gguf_checkpoint(path: str, dtype: str = 'float32', shardings: Any = Non
                             '(token_embd, blk.N.attn_*/ffn_*, output_norm, output).')
     tree_path, base = target
     # Row-major numpy order is GGUF's dimension list reversed: [out, in] for a matrix.
-    w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    w = gguf.quants.dequantize(tensor_data(reader, tensor), tensor.tensor_type)
     w = np.asarray(w, np.float32).reshape([int(d) for d in reversed(tensor.shape)])
     if base == 'attn_q':
       w = unpermute_rows(w, cfg.num_heads) if w.shape[0] == cfg.num_heads * hd else w

@@ -279,12 +279,15 @@ def to_scanned(params: dict, shardings: Any = None) -> dict:
 
 
 def load_hf_checkpoint(path: str, dtype: Any = 'float32', shardings: Any = None,
-                       scan_layers: Optional[bool] = None) -> tuple[LlamaConfig, dict]:
+                       scan_layers: Optional[bool] = None,
+                       activation_dtype: Any = None) -> tuple[LlamaConfig, dict]:
   """(config, params) of a Hugging Face checkpoint directory, params cast to `dtype`.
 
   shardings: None (arrays on the default device), or a pytree of Shardings matching the params
   (e.g. param_shardings(hf_param_shapes(cfg, info.num_labels), mesh)); each tensor then goes
-  straight to its shards. The config's param_dtype is `dtype`. Sequence-classification checkpoints
+  straight to its shards. The config's param_dtype is `dtype`, and its dtype (what Llama computes
+  in) is activation_dtype, by default `dtype` too: bfloat16 weights give a bfloat16 model (pass
+  activation_dtype='float32' to keep float32 activations over them). Sequence-classification checkpoints
   give 'score' instead of 'lm_head' (see read_hf_config's info.num_labels and reward_model).
 
   scan_layers: return the stacked (model.scan_layers) layout and a config with scan_layers=True;
@@ -305,7 +308,8 @@ def load_hf_checkpoint(path: str, dtype: Any = 'float32', shardings: Any = None,
     shardings = dict(rest, **{f'layers_{i}': layer for i in range(num)})
   cfg, info = read_hf_config(path)
   dtype = jnp.dtype(dtype)
-  cfg = dataclasses.replace(cfg, param_dtype=dtype.name)
+  cfg = dataclasses.replace(cfg, param_dtype=dtype.name,
+                            dtype=jnp.dtype(activation_dtype or dtype).name)
   root = info.path
   expected = {}  # HF name -> (our path, HF shape, transposed)
   for p, shape in _flat(hf_param_shapes(cfg, info.num_labels)).items():

@@ -46,7 +46,8 @@ class RowLayout:
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
   """max_new_tokens: R. eos_ids: the stop tokens, one id or several (Llama-3 instruct ends with
-  either <|eot_id|> or <|end_of_text|>); the first is the canonical one."""
+  either <|eot_id|> or <|end_of_text|>); the first is the canonical one. temperature 0 decodes
+  greedily: the first arg-max of the (mixed, filtered) logits, no noise."""
   max_new_tokens: int
   eos_ids: Union[int, tuple[int, ...]]
   pad_id: int = 0
@@ -55,6 +56,8 @@ class DecodeSettings:
   top_p: float = 1.0
 
   def __post_init__(self):
+    if not self.temperature >= 0:
+      raise ValueError(f'temperature={self.temperature!r} must be >= 0 (0: greedy, the first arg-max).')
     ids = (self.eos_ids,) if isinstance(self.eos_ids, (int, np.integer)) else tuple(self.eos_ids)
     if not ids:
       raise ValueError('DecodeSettings needs at least one stop token (eos_ids).')
@@ -138,7 +141,7 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
     lp_ref = masked_log_softmax(ref_logits, allowed_tokens) if run_ref else None
     logits = filter_logits(layout_logprobs(layout, lp_pol, lp_ref, mix_coef), settings.temperature,
                            settings.top_k, settings.top_p)
-    token = sample_tokens(jax.random.fold_in(rng, t), logits)
+    token = sample_tokens(jax.random.fold_in(rng, t), logits, greedy=settings.temperature == 0)
     token = jnp.where(done, settings.pad_id, token)
     valid = ~done
     new = dict(tokens=token, mask=valid,

@@ -23,17 +23,33 @@ def mix_logits(policy_logits: jax.Array, ref_logits: jax.Array, coef) -> jax.Arr
   return jnp.where(finite, mixed, -jnp.inf)
 
 
-def sample_tokens(key: jax.Array, logits: jax.Array) -> jax.Array:
-  """One draw from softmax(logits) per row, int32 [...] for logits [..., V].
+def sample_tokens(key: jax.Array, logits: jax.Array, greedy: bool = False) -> jax.Array:
+  """One draw from softmax(logits) per row, int32 [...] for logits [..., V]; greedy: the arg-max.
 
   Token for token what jax.random.categorical(key, logits, axis=-1) draws (the same Gumbel noise, the
   first index of the maximum), with the argmax as a max and a min: XLA:CPU runs argmax's
   (value, index) reduction one element at a time, and it cost more than the noise itself.
+  greedy=True (temperature 0) adds no noise: jnp.argmax, the first index of the largest logit.
   """
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   perturbed = jax.random.gumbel(key, logits.shape, logits.dtype) + logits
   top = jnp.max(perturbed, axis=-1, keepdims=True)
   index = jax.lax.broadcasted_iota(jnp.int32, perturbed.shape, perturbed.ndim - 1)
   return jnp.min(jnp.where(perturbed == top, index, logits.shape[-1] - 1), axis=-1)
+
+
+def greedy_logits(logits: jax.Array) -> jax.Array:
+  """The temperature -> 0 limit as logits: 0 at the first index of each row's maximum, -inf elsewhere.
+
+  So the sampled distribution is the point mass that sample_tokens(greedy=True) picks, and its
+  log-prob (sampling_logprobs) is 0. One argmax reduction, not a max and an equality test: XLA may
+  recompute the logits separately for each consumer (a mixture's multiply-adds contracted
+  differently), and a recomputed maximum need not equal any recomputed logit.
+  """
+  first = jnp.argmax(logits, axis=-1)[..., None]
+  index = jax.lax.broadcasted_iota(first.dtype, logits.shape, logits.ndim - 1)
+  return jnp.where(index == first, 0.0, -jnp.inf).astype(logits.dtype)
 
 
 def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
@@ -41,7 +57,11 @@ def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
   """Temperature, then top-k, then nucleus (top-p) filtering; removed tokens get -inf.
 
   temperature == 1, top_k == 0 and top_p == 1 leave the logits unchanged (exact sampling).
+  temperature == 0 is greedy decoding: only the first arg-max survives (greedy_logits; top-k and
+  top-p always keep it, so they change nothing).
   """
+  if temperature == 0:
+    return greedy_logits(logits)
   if temperature != 1.0:
     logits = logits / temperature
   if top_k and top_k < logits.shape[-1]:

@@ -78,7 +78,7 @@ def decode_uncached(policy: Llama, ref: Llama, policy_params, ref_params, prompt
                                                        valid[ref_rows], slot), allowed_tokens)
       logits = filter_logits(layout_logprobs(layout, lp_pol, lp_ref, mix_coef), settings.temperature,
                              settings.top_k, settings.top_p)
-      token = sample_tokens(jax.random.fold_in(rng, t), logits)
+      token = sample_tokens(jax.random.fold_in(rng, t), logits, greedy=settings.temperature == 0)
       token = jnp.where(done, settings.pad_id, token)
       live = ~done
       new = dict(tokens=token, mask=live,
