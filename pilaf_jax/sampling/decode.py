@@ -53,6 +53,9 @@ class DecodeSettings:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  # Cost analysis only (tools/aot.py): > 0 runs exactly this many decode steps, unrolled, without
+  # the while loop or its early exit (XLA's cost analysis counts a loop body once). 0: the loop.
+  unroll_steps: int = 0
 
   def __post_init__(self):
     ids = (self.eos_ids,) if isinstance(self.eos_ids, (int, np.integer)) else tuple(self.eos_ids)
@@ -178,7 +181,12 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
              sampling_logprobs=jnp.zeros((n, r), jnp.float32))
   carry = (jnp.zeros((), jnp.int32), jnp.zeros((n,), bool), pol_logits, pol_cache, ref_logits,
            ref_cache, out)
-  t, done, pol_logits, _, ref_logits, _, out = jax.lax.while_loop(cond, body, carry)
+  if settings.unroll_steps:
+    for _ in range(settings.unroll_steps):
+      carry = body(carry)
+  else:
+    carry = jax.lax.while_loop(cond, body, carry)
+  t, done, pol_logits, _, ref_logits, _, out = carry
   # The final step (t < R, since the loop stops at R - 1): rows already done record nothing, so
   # running it when every row has ended changes no output; it only counts as a step when it samples.
   live = ~jnp.all(done)
