@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
       attention_bias=False, rope_scaling='', rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
       rope_high_freq_factor=4.0, rope_original_max_position=8192,
       remat=False, dtype='float32', param_dtype='float32',
+      remat_policy='',  # With remat: '' recomputes everything, 'save_dots' keeps the projections' outputs.
       scan_layers=False,  # flax.linen.scan over the decoder layers: compile time independent of depth.
       # A pretrained checkpoint (HF directory, .gguf file, or package:<pkg>/<file>). When set, the
       # architecture fields above are read from it; the policy starts from it, and so does the

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pilaf_jax.batches import PromptBatch
-from pilaf_jax.model.llama import KVCache, Llama
+from pilaf_jax.model.llama import KVCache, Llama, compute_params
 from pilaf_jax.model.scoring import masked_log_softmax, pick_tokens
 from pilaf_jax.sampling.mixing import filter_logits, mix_logits, sample_tokens
 
@@ -122,6 +122,9 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
   n, p = prompts.tokens.shape
   if n != layout.total:
     raise ValueError(f'{n} prompt rows for a layout of {layout.total}.')
+  # Every step reads every weight: in the activation dtype, once (same values; half the bytes for
+  # float32 master weights under bfloat16 activations).
+  policy_params, ref_params = compute_params(policy_params, policy.cfg), compute_params(ref_params, ref.cfg)
   r = settings.max_new_tokens
   slots = p + r
   positions = jnp.maximum(jnp.cumsum(prompts.mask, axis=1) - 1, 0)

@@ -76,9 +76,11 @@ ACCELERATOR_TYPES = {
 }
 
 GPU_UNSUPPORTED = (
-    'GPU targets cannot be compiled without a GPU with jax 0.10.2: with jax[cuda12] installed, '
-    "jax.experimental.topologies.get_topology_desc(name, 'cuda') raises NotImplementedError "
-    "('topology not implemented for cuda'). Plan GPU runs with python -m pilaf_jax.tools.memory_report.")
+    "GPU targets cannot be compiled on a machine without a GPU with jax 0.10.2: "
+    "jax.experimental.topologies.get_topology_desc('1x8', 'cuda') raises NotImplementedError "
+    "('topology not implemented for cuda'), and with the CUDA plugin installed "
+    "(jax-cuda12-plugin/pjrt 0.10.2) JaxRuntimeError ('FAILED_PRECONDITION: No visible GPU devices.'). "
+    'Plan GPU runs with python -m pilaf_jax.tools.memory_report.')
 
 
 class PlanError(ValueError):

@@ -153,7 +153,8 @@ def build_programs(config, mesh: Mesh, cfg: LlamaConfig, unroll_steps: int = 0,
   tx = make_optimizer(c.dpo.learning_rate, c.dpo.warmup_steps, c.dpo.weight_decay, c.dpo.max_grad_norm)
   if want('dpo_step'):
     state, state_sharding = _train_state(placement, tx)
-    step = functools.partial(dpo_step, model=model, tx=tx, beta=c.beta, allowed_tokens=allowed)
+    step = functools.partial(dpo_step, model=model, tx=tx, beta=c.beta, allowed_tokens=allowed,
+                             constrain_rows=placement.constrain_rows)
     programs.append(Program(
         'dpo_step', step, (state, _preference_batch(mesh, b, p, r)), (state_sharding, replicated),
         donate_argnums=(0,), kind=TRAIN, tokens=2 * b * (p + r),
