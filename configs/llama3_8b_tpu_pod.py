@@ -26,10 +26,10 @@ def get_config():
   c = _gpu_node_config()
   # One process per TPU host; the TPU runtime tells jax.distributed about the others.
   c.distributed.coordinator_address = 'auto'
-  # Chosen from the TPU compiler's figures (python -m pilaf_jax.tools.aot, docs/scale_out.md):
-  # remat keeps every projection's output, so the backward pass recomputes no weight matmul
-  # (8N -> 6N FLOPs per token); the kept outputs fit easily in v5p's 95 GB (4 sequences per chip
-  # on v5p-64, 8 on v5p-32). Scanned layers: one layer body to compile, whatever the depth.
-  c.model.remat_policy = 'save_dots'
+  # Chosen from the TPU compiler's figures (python -m pilaf_jax.tools.aot, docs/scale_out.md).
+  # Scanned layers: one layer body to compile, whatever the depth. Full per-layer remat: with
+  # model.remat_policy='save_dots' (no matmul recomputed; faster at XLA's cost model) the scanned
+  # DPO step asked for 271 GB of temporaries per chip on v5p-32.
+  c.model.remat_policy = ''
   c.model.scan_layers = True
   return c

@@ -38,10 +38,11 @@ def narrow_pod_config():
 
 @needs_libtpu
 def test_narrow_pod_config_compiles_for_v5e_sharded_and_fits():
+  # eval_decode runs the sampler's decode code on fewer rows: left out to keep the test short.
   results, chip, devices = aot.analyse(narrow_pod_config(), 'v5e:2x2', cost=False, min_replicated_bytes=4096,
-                                       log=lambda m: None)
+                                       only={'dpo_step', 'sample_pilaf', 'reward_model_score'}, log=lambda m: None)
   assert devices == 4 and chip.hbm_bytes == 16e9
-  assert {r.name for r in results} == {'dpo_step', 'sample_pilaf', 'eval_decode', 'reward_model_score'}
+  assert {r.name for r in results} == {'dpo_step', 'sample_pilaf', 'reward_model_score'}
   for r in results:
     assert 0 < r.memory.peak < aot.FIT_FRACTION * chip.hbm_bytes, r.name
     assert r.replicated == (), (r.name, r.replicated)  # Every param, moment and batch array is split.
