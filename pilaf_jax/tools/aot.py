@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -201,7 +202,8 @@ def replicated_arrays(program: programs_lib.Program, lowered, compiled, min_byte
 
 
 def compile_program(program: programs_lib.Program):
-  """(lowered, compiled, seconds). A program that does not fit makes the TPU compiler fail: PlanError."""
+  """(lowered, compiled, seconds). A program that does not fit makes the TPU compiler fail: PlanError,
+  naming how many devices would hold it (the sharded state and rows scale with 1/devices)."""
   start = time.time()
   try:
     lowered = program.lower()
@@ -209,7 +211,14 @@ def compile_program(program: programs_lib.Program):
   except Exception as e:  # pylint: disable=broad-except
     text = str(e)
     if 'RESOURCE_EXHAUSTED' in text or 'Ran out of memory' in text:
-      raise PlanError(f'{program.name} does not fit in HBM: {_first_line(e)}') from None
+      hint = ''
+      found = re.search(r'\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)', text)
+      if found:
+        devices = len(jax.tree.leaves(program.args)[0].sharding.device_set)
+        need = math.ceil(devices * float(found.group(1)) / (FIT_FRACTION * float(found.group(2))))
+        hint = (f' Use a topology with at least ~{need} devices (now {devices}), or shrink dpo.batch_size '
+                '/ the task lengths.')
+      raise PlanError(f'{program.name} does not fit in HBM: {_first_line(e)}.{hint}') from None
     raise
   return lowered, compiled, time.time() - start
 
