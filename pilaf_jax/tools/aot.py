@@ -218,7 +218,7 @@ def compile_program(program: programs_lib.Program):
         need = math.ceil(devices * float(found.group(1)) / (FIT_FRACTION * float(found.group(2))))
         hint = (f' Use a topology with at least ~{need} devices (now {devices}), or shrink dpo.batch_size '
                 '/ the task lengths.')
-      raise PlanError(f'{program.name} does not fit in HBM: {_first_line(e)}.{hint}') from None
+      raise PlanError(f'{program.name} does not fit in HBM: {_first_line(e).rstrip(".")}.{hint}') from None
     raise
   return lowered, compiled, time.time() - start
 
