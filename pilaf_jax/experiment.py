@@ -162,7 +162,8 @@ class Experiment:
     self.state_sharding = placement.train_state(self.tx)
     allowed = None if self.allowed is None else jnp.asarray(self.allowed)
     self.train_step = _ShardedStep(
-        functools.partial(dpo_step, model=self.model, tx=self.tx, beta=c.beta, allowed_tokens=allowed),
+        functools.partial(dpo_step, model=self.model, tx=self.tx, beta=c.beta, allowed_tokens=allowed,
+                          constrain_rows=placement.constrain_rows),
         placement, self.state_sharding)
     # Evaluation decodes with plain sampling (temperature 1, no filters): reward and KL of pi_theta itself.
     eval_ctx = dataclasses.replace(self.sampler_ctx, settings=dataclasses.replace(

@@ -86,7 +86,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, labe
 flags.DEFINE_bool('help_config', False, 'Print every config field with its default and meaning, '
                   'then exit.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved config, the mesh and the per-device '
-                             'memory estimate, then exit without running (no --workdir needed).')
+                             'memory estimate, then exit without running (no --workdir, data or '
+                             'checkpoint files needed).')
+_TOPOLOGY = flags.DEFINE_string('topology', '', 'With --dry_run: plan for this TPU topology (v5p-32, '
+                                'v5p:2x2x4) and compile every program of the run for it '
+                                '(python -m pilaf_jax.tools.aot; needs libtpu, not a TPU).')
 
 
 def _config_list() -> str:
@@ -114,8 +118,13 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
-def dry_run(config) -> int:
-  """Prints what a run would use (resolved config, mesh, memory per device); returns the exit code."""
+def dry_run(config, topology: str = '') -> int:
+  """Prints what a run would use (resolved config, mesh, memory per device); returns the exit code.
+
+  Checkpoints that are not on this machine are not read: the plan then uses the config's own
+  architecture fields (the 8B configs carry the preset). With a topology, the devices are that TPU
+  topology's (no TPU needed) and every program of the run is compiled for it (tools/aot.py).
+  """
   import jax
   from pilaf_jax import config_validation
   from pilaf_jax.config_validation import ConfigError
@@ -123,16 +132,30 @@ def dry_run(config) -> int:
   from pilaf_jax.tools import memory_report
   try:
     config_validation.validate(config)
-    config = config_validation.resolve_checkpoints(config)
-    shape = resolve_mesh_shape(config.mesh, jax.device_count())
-    report = memory_report.build_report(config, jax.device_count())
+    missing = config_validation.missing_checkpoints(config)
+    config = config_validation.resolve_checkpoints(config, planning=True)
+    if topology:
+      from pilaf_jax.tools import aot
+      devices = aot.topology_devices(topology)
+      where = f'{topology} ({devices[0].device_kind}, compiled here without one)'
+    else:
+      devices, where = jax.devices(), f'{jax.default_backend()}'
+    shape = resolve_mesh_shape(config.mesh, len(devices))
+    report = memory_report.build_report(config, len(devices))
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(config.to_json_best_effort(indent=2, sort_keys=True))
-  print(f'\nmesh: data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} over {jax.device_count()} '
-        f'{jax.default_backend()} device(s)\n')
+  for entry in missing:
+    print(f'note: {entry} is not on this machine; planned with the config\'s architecture fields '
+          '(a run needs the file).')
+  print(f'\nmesh: data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} over {len(devices)} {where} '
+        f'device(s)\n')
   print(memory_report.format_table(report))
+  if topology:
+    from pilaf_jax.tools import aot
+    print()
+    return aot.run(config, topology, title=f'Every program compiled for {topology}')
   return 0
 
 
@@ -297,7 +320,10 @@ def main(argv) -> None:
       config.to_dict()
     except _USER_ERRORS as e:
       _exit_bad_command_line(e)
-    sys.exit(dry_run(config))
+    sys.exit(dry_run(config, _TOPOLOGY.value))
+  if _TOPOLOGY.value:
+    print('error: --topology plans a run; use it with --dry_run.', file=sys.stderr)
+    sys.exit(2)
   if not _WORKDIR.value:
     print('error: --workdir is required (a directory for checkpoints, labels and metrics).',
           file=sys.stderr)

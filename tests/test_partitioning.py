@@ -448,6 +448,25 @@ def test_tpu_pod_dry_run():
   assert missing.returncode == 2 and 'set WORKDIR' in missing.stderr
 
 
+def test_tpu_pod_all_deletes_the_slice_on_failure_and_creates_nothing_without_workdir(tmp_path):
+  stub = tmp_path / 'bin'
+  stub.mkdir()
+  (stub / 'gcloud').write_text('#!/bin/bash\necho "called: $*"\n[[ "$*" == *" scp "* ]] && exit 5\nexit 0\n')
+  (stub / 'gcloud').chmod(0o755)
+  env = dict(os.environ, PATH=f'{stub}:{os.environ["PATH"]}', TPU_NAME='t1', ZONE='z1', WORKDIR='gs://b/r')
+  script = str(REPO / 'launch' / 'tpu_pod.sh')
+  failed = subprocess.run(['bash', script, 'all'], env=env, capture_output=True, text=True, timeout=30)
+  called = [line for line in failed.stdout.splitlines() if line.startswith('called: ')]
+  assert failed.returncode == 5, failed.stderr
+  assert called[0].startswith('called: compute tpus tpu-vm create t1')
+  assert called[-1] == 'called: compute tpus tpu-vm delete t1 --zone=z1 --quiet'
+  assert 'deleting the slice t1' in failed.stderr
+  for bad, message in ((dict(WORKDIR=''), 'set WORKDIR'), (dict(CONFIG='configs/absent.py'), 'CONFIG=configs/absent.py')):
+    proc = subprocess.run(['bash', script, 'all'], env=dict(env, **bad), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert 'called:' not in proc.stdout  # Nothing created.
+
+
 def test_slurm_script_sets_process_env(tmp_path):
   stub = tmp_path / 'bin'
   stub.mkdir()

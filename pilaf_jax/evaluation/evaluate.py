@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -14,6 +15,17 @@ from pilaf_jax.parallel.placement import Placement, to_host
 from pilaf_jax.sampling.decode import RowLayout
 from pilaf_jax.sampling.samplers import SamplerContext
 from pilaf_jax.tasks.base import EVAL
+
+
+def eval_sample_batch(ctx: SamplerContext, placement: Placement, rng: jax.Array, policy_params, ref_params,
+                      prompts: PromptBatch, index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One evaluation batch (the program Evaluator compiles): a policy response per prompt, and the
+  per-prompt KL estimate from a teacher-forced reference pass. Returns (tokens, mask, kl)."""
+  layout = RowLayout(policy_only=prompts.size)
+  ro = ctx.decode(policy_params, ref_params, prompts, jnp.zeros((0,)), jax.random.fold_in(rng, index), layout)
+  ref_lp = ctx.score(ctx.ref, ref_params, prompts, ro.tokens, ro.mask)
+  kl = (ro.policy_logprobs - ref_lp).sum(-1)
+  return placement.constrain_rows((ro.tokens, ro.mask, kl))
 
 
 @dataclasses.dataclass
@@ -34,18 +46,9 @@ class Evaluator:
   placement: Placement
 
   def __post_init__(self):
-    ctx, placement = self.ctx, self.placement
-
-    def sample_batch(policy_params, ref_params, prompts, index):
-      layout = RowLayout(policy_only=prompts.size)
-      ro = ctx.decode(policy_params, ref_params, prompts, jnp.zeros((0,)), jax.random.fold_in(self.rng, index),
-                      layout)
-      ref_lp = ctx.score(ctx.ref, ref_params, prompts, ro.tokens, ro.mask)
-      kl = (ro.policy_logprobs - ref_lp).sum(-1)
-      return placement.constrain_rows((ro.tokens, ro.mask, kl))
-
-    self._sample_batch = jax.jit(sample_batch, in_shardings=(
-        placement.params, placement.params, None, placement.replicated))
+    self._sample_batch = jax.jit(
+        functools.partial(eval_sample_batch, self.ctx, self.placement, self.rng),
+        in_shardings=(self.placement.params, self.placement.params, None, self.placement.replicated))
 
   def __call__(self, policy_params, ref_params) -> dict:
     rewards, kls, lengths = [], [], []

@@ -19,9 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 
 CHECKPOINT_FIELDS = ('checkpoint', 'reference_checkpoint')  # config.model fields that name files.
+REMAT_POLICIES = ('', 'save_dots')
+PROJECTION = 'projection'  # checkpoint_name of every Dense output (what 'save_dots' keeps).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,10 @@ class LlamaConfig:
   tie_embeddings: bool = False
   attention_bias: bool = False  # Qwen2 uses q/k/v biases.
   remat: bool = False  # Recompute each layer's activations in the backward pass (large models).
+  # What remat keeps from the forward pass: '' only each layer's input (everything else is
+  # recomputed, matmuls included); 'save_dots': also every projection's output (q/k/v/o, gate/up/
+  # down), so the backward pass recomputes only elementwise work and attention (no weight matmul).
+  remat_policy: str = ''
   # One decoder layer body run num_layers times under flax.linen.scan: compile time no longer grows
   # with depth. Params then hold one 'layers' subtree whose arrays have a leading [num_layers] axis
   # (stack_layer_params / unstack_layer_params convert), and the KV cache is stacked the same way.
@@ -59,6 +66,8 @@ class LlamaConfig:
     if not self.head_dim and self.hidden_size % self.num_heads:
       raise ValueError(f'model.hidden_size={self.hidden_size} must be divisible by '
                        f'model.num_heads={self.num_heads} (or set model.head_dim).')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'model.remat_policy={self.remat_policy!r} is unknown; allowed: {list(REMAT_POLICIES)}.')
     if self.rope_scaling not in ('', 'llama3'):
       raise ValueError(f"model.rope_scaling={self.rope_scaling!r} must be '' or 'llama3'.")
 
@@ -197,7 +206,7 @@ class Dense(nn.Module):
   def __call__(self, x):
     kernel = self.param('kernel', nn.initializers.normal(0.02), (x.shape[-1], self.features),
                         self.param_dtype)
-    y = _matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = checkpoint_name(_matmul(x.astype(self.dtype), kernel.astype(self.dtype)), PROJECTION)
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
@@ -330,7 +339,8 @@ class Llama(nn.Module):
     else:
       keys_valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
       cache_index = cache.index
-    layer = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers) if cfg.remat else DecoderLayer
+    policy = jax.checkpoint_policies.save_only_these_names(PROJECTION) if cfg.remat_policy == 'save_dots' else None
+    layer = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers, policy=policy) if cfg.remat else DecoderLayer
     if cfg.scan_layers:
       stack = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
@@ -359,6 +369,19 @@ class Llama(nn.Module):
     else:
       logits = _dense(cfg.vocab_size, 'lm_head', cfg)(x)
     return logits.astype(jnp.float32), new_cache
+
+
+def compute_params(params: Any, cfg: LlamaConfig) -> Any:
+  """params with every matrix (kernels, embeddings: >= 2-D floats) cast to the activation dtype.
+
+  Every use of a matrix casts it to cfg.dtype anyway (Dense, Embed), so the values computed are the
+  same; casting once at the top of a program means FSDP all-gathers, and decode steps read, bf16
+  rather than float32 master weights (half the bytes). Norm scales (1-D) stay as they are: RMSNorm
+  reads them in float32. Differentiable: gradients flow back to the float32 params.
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  cast = lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(cast, params)
 
 
 def init_params(cfg: LlamaConfig, rng: jax.Array) -> dict:

@@ -1,12 +1,12 @@
 """Teacher-forced log-probabilities of responses: the quantity DPO, KL and best-of-N all use."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from pilaf_jax.model.llama import Llama
+from pilaf_jax.model.llama import Llama, compute_params
 
 
 def masked_log_softmax(logits: jax.Array, allowed_tokens: Optional[jax.Array]) -> jax.Array:
@@ -58,10 +58,17 @@ def sequence_inputs(prompt_tokens, prompt_mask, response_tokens, response_mask):
 
 def response_logprobs(model: Llama, params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                       response_tokens: jax.Array, response_mask: jax.Array,
-                      allowed_tokens: Optional[jax.Array] = None) -> jax.Array:
-  """Per-token log pi(y_t | x, y_<t) of every response token, [B, R]; 0 where response_mask is 0."""
+                      allowed_tokens: Optional[jax.Array] = None,
+                      constrain_rows: Optional[Callable[[Any], Any]] = None) -> jax.Array:
+  """Per-token log pi(y_t | x, y_<t) of every response token, [B, R]; 0 where response_mask is 0.
+
+  constrain_rows: pins the [B, T, V] logits (and so their gradient) to the batch axes of a mesh,
+  so that XLA never materialises them whole on one chip (see dpo_step).
+  """
   tokens, positions, valid = sequence_inputs(prompt_tokens, prompt_mask, response_tokens, response_mask)
-  logits, _ = model.apply({'params': params}, tokens, positions, valid)
+  logits, _ = model.apply({'params': compute_params(params, model.cfg)}, tokens, positions, valid)
+  if constrain_rows is not None:
+    logits = constrain_rows(logits)
   p = prompt_tokens.shape[1]
   # The logits at position P - 1 + t predict response token t.
   token_lp = token_logprobs(logits[:, p - 1:-1], response_tokens, allowed_tokens)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pilaf_jax.batches import PromptBatch
-from pilaf_jax.model.llama import KVCache, Llama
+from pilaf_jax.model.llama import KVCache, Llama, compute_params
 from pilaf_jax.model.scoring import masked_log_softmax, pick_tokens
 from pilaf_jax.sampling.mixing import filter_logits, mix_logits, sample_tokens
 
@@ -54,6 +54,9 @@ class DecodeSettings:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  # Cost analysis only (tools/aot.py): > 0 runs exactly this many decode steps, unrolled, without
+  # the while loop or its early exit (XLA's cost analysis counts a loop body once). 0: the loop.
+  unroll_steps: int = 0
 
   def __post_init__(self):
     if not self.temperature >= 0:
@@ -122,6 +125,9 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
   n, p = prompts.tokens.shape
   if n != layout.total:
     raise ValueError(f'{n} prompt rows for a layout of {layout.total}.')
+  # Every step reads every weight: in the activation dtype, once (same values; half the bytes for
+  # float32 master weights under bfloat16 activations).
+  policy_params, ref_params = compute_params(policy_params, policy.cfg), compute_params(ref_params, ref.cfg)
   r = settings.max_new_tokens
   slots = p + r
   positions = jnp.maximum(jnp.cumsum(prompts.mask, axis=1) - 1, 0)
@@ -181,7 +187,12 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
              sampling_logprobs=jnp.zeros((n, r), jnp.float32))
   carry = (jnp.zeros((), jnp.int32), jnp.zeros((n,), bool), pol_logits, pol_cache, ref_logits,
            ref_cache, out)
-  t, done, pol_logits, _, ref_logits, _, out = jax.lax.while_loop(cond, body, carry)
+  if settings.unroll_steps:
+    for _ in range(settings.unroll_steps):
+      carry = body(carry)
+  else:
+    carry = jax.lax.while_loop(cond, body, carry)
+  t, done, pol_logits, _, ref_logits, _, out = carry
   # The final step (t < R, since the loop stops at R - 1): rows already done record nothing, so
   # running it when every row has ended changes no output; it only counts as a step when it samples.
   live = ~jnp.all(done)

@@ -24,7 +24,8 @@ a = bytes of model.dtype, and head/feature counts divided by the mesh's tensor s
 and per sequence for the output head: T (a d + (a + 4) V) + 4 R V (logits, their float32 copy and
 the response log-softmax). Without rematerialisation every layer keeps all of it. With per-layer
 rematerialisation (checkpointing each decoder layer) only each layer's input (a d per token) is
-kept, plus one layer's full set while it is recomputed, plus the head. XLA temporaries and FSDP
+kept, plus one layer's full set while it is recomputed, plus the head; with model.remat_policy=
+'save_dots' each layer also keeps its projections' outputs, a ((H + 2 Hkv) hd + 2d + 2F) per token. XLA temporaries and FSDP
 all-gather buffers (about two layers' weights in model.dtype) come on top.
 """
 from __future__ import annotations
@@ -78,7 +79,8 @@ class Report:
 
 def activation_bytes(cfg: LlamaConfig, sequences: int, prompt_len: int, response_len: int,
                      tensor: int, remat: bool) -> int:
-  """Estimated activation bytes one device keeps for the backward pass (formula: module doc)."""
+  """Estimated activation bytes one device keeps for the backward pass (formula: module doc;
+  cfg.remat_policy decides what remat keeps)."""
   a = np.dtype(cfg.dtype).itemsize
   d, hd, t = cfg.hidden_size, cfg.resolved_head_dim, prompt_len + response_len
   # Per-device counts of what tensor parallelism splits (rounded up when it does not divide).
@@ -88,7 +90,10 @@ def activation_bytes(cfg: LlamaConfig, sequences: int, prompt_len: int, response
                      + 4 * (h + hkv) * hd + 8 * d + (4 + a) * h * t)
   head = t * (a * d + (a + 4) * v) + 4 * response_len * v
   if remat:
-    per_sequence = t * cfg.num_layers * a * d + t * per_layer_token + head
+    kept = a * d
+    if cfg.remat_policy == 'save_dots':  # q, k, v, o_proj, gate, up, down outputs.
+      kept += a * ((h + 2 * hkv) * hd + 2 * d + 2 * f)
+    per_sequence = t * cfg.num_layers * kept + t * per_layer_token + head
   else:
     per_sequence = t * cfg.num_layers * per_layer_token + head
   return sequences * per_sequence
@@ -161,6 +166,24 @@ def build_report(config, num_devices: int) -> Report:
       f'decode: {decode_rows} rows per model, {slots} cache slots',
   )
   return Report(sizes, num_devices, count_params(params), rows, notes)
+
+
+def program_estimates(config, report: Report) -> dict[str, int]:
+  """Per-device bytes each compiled program (tools/programs.py) should need, from the report's rows:
+  what it holds as inputs plus the estimated activations. Compared with the compiler's figures in
+  docs/scale_out.md (tools/aot.py); XLA temporaries beyond activations are not in these."""
+  rows = {r.name: r.per_device_bytes for r in report.rows}
+  params, ref = rows['policy params'], rows['reference params']
+  cache = next(v for k, v in rows.items() if k.startswith('KV caches'))
+  act = rows['DPO activations, per-layer remat' if config.model.remat else 'DPO activations, no remat']
+  out = {'dpo_step': params + rows['AdamW state (mu, nu)'] + rows['gradients'] + act,
+         f'sample_{config.sampler.name}': params + ref + cache}
+  # Evaluation decodes eval.batch_size rows with the policy alone: one cache of that many rows.
+  out['eval_decode'] = params + ref + cache // 2 * config.eval.batch_size // (2 * config.dpo.batch_size)
+  oracle = [v for k, v in rows.items() if k.startswith('oracle params')]
+  if oracle:
+    out['reward_model_score'] = oracle[0]
+  return out
 
 
 def format_table(report: Report, config_path: str = '') -> str:
