@@ -20,7 +20,8 @@ def _lock_before_imports():
   is final only once the config says single-process). (None, None) when not tried."""
   args = sys.argv[1:]
   if (os.environ.get('PILAF_COORDINATOR') or os.environ.get('PILAF_NUM_PROCESSES', '1') not in ('', '1')
-      or any(a.startswith(('--config.distributed', '--dry_run', '--help', '--helpfull')) for a in args)):
+      or any(a.startswith(('--config.distributed', '--dry_run', '--help', '--helpfull')) for a in args)
+      or any(not a.startswith('-') for a in args)):  # A bad command line writes nothing (main says why).
     return None, None
   workdir = next((a.split('=', 1)[1] for a in args if a.startswith('--workdir=')), None)
   if not workdir or '://' in workdir:

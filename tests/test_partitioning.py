@@ -140,10 +140,16 @@ def test_rules_cover_8b_configs(config_name, devices):
   params = pt.abstract_params(LlamaConfig.from_config(config.model))
   mesh = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_mesh_shape(config.mesh, devices)))
   specs = flat_specs(pt.param_partition_specs(params, mesh=mesh))
-  assert len(specs) == 32 * 9 + 3
-  for path, spec in specs.items():
-    expected = EXPECTED_SPECS[re.sub(r'layers_\d+', 'layers_0', path)]
-    assert spec == expected, path
+  if config.model.scan_layers:  # One stacked leaf per layer weight; its [num_layers] axis unsplit.
+    assert len(specs) == 9 + 3
+    for path, spec in specs.items():
+      expected = EXPECTED_SPECS[path.replace('layers/', 'layers_0/')]
+      assert spec == (P(None, *expected) if path.startswith('layers/') else expected), path
+  else:
+    assert len(specs) == 32 * 9 + 3
+    for path, spec in specs.items():
+      expected = EXPECTED_SPECS[re.sub(r'layers_\d+', 'layers_0', path)]
+      assert spec == expected, path
   # Also with tensor parallelism: 8 kv heads x 128 and every other dim divide by 8.
   pt.param_partition_specs(params, mesh=sizes(1, devices // 8, 8))
 
