@@ -28,10 +28,7 @@ def _lock_before_imports():
     return None, None
   from pilaf_jax import workdir_lock
   try:
-    workdir_lock.prepare_workdir(workdir)
-    lock = workdir_lock.WorkdirLock(workdir)
-    lock.acquire()
-    return lock, None
+    return workdir_lock.take(workdir), None
   except (workdir_lock.WorkdirBusy, workdir_lock.WorkdirError) as e:
     return None, e
 
@@ -254,10 +251,7 @@ def _lock_single_process_workdir(config, workdir: str):
     raise _EARLY_ERROR
   if _EARLY_LOCK is not None:
     return _EARLY_LOCK
-  workdir_lock.prepare_workdir(workdir)
-  lock = workdir_lock.WorkdirLock(workdir)
-  lock.acquire()
-  return lock
+  return workdir_lock.take(workdir)
 
 
 def _lock_workdir(workdir: str):

@@ -221,3 +221,11 @@ class WorkdirLock:
         self._fs().rm_file(self.path)
       except Exception:  # pylint: disable=broad-except
         pass  # Stale after STALE_AFTER_S anyway.
+
+
+def take(workdir: str) -> WorkdirLock:
+  """prepare_workdir, then the workdir's lock, acquired (WorkdirBusy / WorkdirError say why not)."""
+  prepare_workdir(workdir)
+  lock = WorkdirLock(workdir)
+  lock.acquire()
+  return lock

@@ -153,3 +153,14 @@ def pytest_unconfigure(config):
   if _OWN_COMPILE_CACHE and 'PYTEST_XDIST_WORKER' not in os.environ:
     import shutil
     shutil.rmtree(_OWN_COMPILE_CACHE, ignore_errors=True)
+
+
+def queue_tables(path: str) -> tuple:
+  """Every row of the labelling queue's tables, read on a read-only connection of its own."""
+  import sqlite3
+  db = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+  try:
+    return tuple(tuple(db.execute(f'SELECT * FROM {t} ORDER BY 1, 2').fetchall())
+                 for t in ('queue_answers', 'queue_assignments', 'queue_queries', 'queue_labellers'))
+  finally:
+    db.close()

@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from conftest import queue_tables
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -61,12 +63,7 @@ class Run:
 
   def state(self):
     """Everything an answer could change, read on a connection of its own."""
-    db = sqlite3.connect(f'file:{self.path}?mode=ro', uri=True)
-    try:
-      return tuple(tuple(db.execute(f'SELECT * FROM {t} ORDER BY 1, 2').fetchall())
-                   for t in ('queue_answers', 'queue_assignments', 'queue_queries', 'queue_labellers'))
-    finally:
-      db.close()
+    return queue_tables(self.path)
 
 
 @pytest.fixture

@@ -9,12 +9,13 @@ import http.client
 import json
 import os
 import socket
-import sqlite3
 import stat
 import sys
 import threading
 
 import pytest
+
+from conftest import queue_tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -83,12 +84,7 @@ class Server:
     return {'Authorization': f'Bearer {self.tokens.get(name, self.owner if name == "owner" else name)}'}
 
   def state(self):
-    db = sqlite3.connect(f'file:{self.path}?mode=ro', uri=True)
-    try:
-      return tuple(tuple(db.execute(f'SELECT * FROM {t} ORDER BY 1, 2').fetchall())
-                   for t in ('queue_answers', 'queue_assignments', 'queue_queries', 'queue_labellers'))
-    finally:
-      db.close()
+    return queue_tables(self.path)
 
 
 @pytest.fixture
