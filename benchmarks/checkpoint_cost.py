@@ -60,15 +60,15 @@ def main() -> None:
   root = args.dir or tempfile.mkdtemp(prefix='checkpoint_cost_')
   os.makedirs(root, exist_ok=True)
   exp = Experiment(c, os.path.join(root, 'workdir'))
-  init = jax.jit(lambda rng: init_params(exp.model.cfg, rng), out_shardings=exp.placement.params)
+  init = jax.jit(lambda rng: init_params(exp.models.model.cfg, rng), out_shardings=exp.models.placement.params)
   ref = init(jax.random.key(0))
-  run = exp.init_run_state(ref)
+  run = exp.models.init_run_state(ref)
   batch, _ = exp.labelled_batch('checkpoint_cost', 0, 0, c.sampler.name, run.train.params, ref,
                                 c.dpo.batch_size)
   n_params = sum(x.size for x in jax.tree.leaves(ref))
 
   def step(run):
-    train, _ = exp.train_step(run.train, batch)
+    train, _ = exp.models.train_step(run.train, batch)
     run = run.replace(train=train, labels_used=run.labels_used + c.dpo.batch_size)
     return jax.block_until_ready(run)
 

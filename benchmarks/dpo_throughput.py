@@ -32,16 +32,16 @@ def worker(devices: int, batch: int, steps: int, mesh: str) -> dict:
   c.dpo.batch_size = batch
   c.mesh.update(dict(zip(('data', 'fsdp', 'tensor'), map(int, mesh.split(',')))))
   exp = Experiment(c, tempfile.mkdtemp())
-  init = jax.jit(lambda rng: init_params(exp.model.cfg, rng), out_shardings=exp.placement.params)
+  init = jax.jit(lambda rng: init_params(exp.models.model.cfg, rng), out_shardings=exp.models.placement.params)
   ref = init(jax.random.key(0))
-  state = exp.init_policy_state(ref)
+  state = exp.models.init_policy_state(ref)
   batch_data, _ = exp.labelled_batch('bench', 0, 0, 'pilaf', state.params, ref, batch)
-  state, metrics = exp.train_step(state, batch_data)  # Compile.
+  state, metrics = exp.models.train_step(state, batch_data)  # Compile.
   jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = exp.train_step(state, batch_data)
+    state, metrics = exp.models.train_step(state, batch_data)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
   exp.close()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import Callable, Optional, Sequence, Union
 
 import jax
@@ -36,11 +37,11 @@ import numpy as np
 
 from pilaf_jax.batches import PairBatch, PreferenceBatch, PromptBatch
 from pilaf_jax.labelling.oracles import bradley_terry as _bradley_terry
-from pilaf_jax.learning.dpo import dpo_loss
+from pilaf_jax.learning.dpo import dpo_loss, preference_loss  # noqa: F401  (dpo_loss: the public name)
 from pilaf_jax.model.llama import Llama
-from pilaf_jax.model.scoring import response_logprobs
+from pilaf_jax.model.scoring import response_logprobs  # noqa: F401  (the public name)
 from pilaf_jax.sampling.decode import DecodeSettings
-from pilaf_jax.sampling.samplers import SAMPLERS, SamplerContext, check_sampler
+from pilaf_jax.sampling.samplers import SAMPLERS, SamplerContext, build_sampler
 
 PairSampler = Callable[..., PairBatch]  # fn(policy_params, ref_params, prompts, rng) -> PairBatch
 
@@ -136,7 +137,7 @@ def make_pair_sampler(policy: Llama, ref: Llama, *, sampler: str = 'pilaf', beta
                        allowed_tokens=None if allowed_tokens is None else np.asarray(allowed_tokens, bool),
                        vanilla_fraction=float(vanilla_fraction), best_of_n=int(best_of_n),
                        max_enumerated_responses=int(max_enumerated_responses))
-  fn = check_sampler(sampler, ctx)  # Sampler-specific checks (best_of_n >= 2, t_pilaf's size, ...).
+  fn = build_sampler(sampler, ctx)  # Sampler-specific checks (best_of_n >= 2, t_pilaf's size, ...).
 
   def pairs(policy_params, ref_params, prompts: PromptBatch, rng: jax.Array) -> PairBatch:
     return fn(ctx, policy_params, ref_params, prompts, rng)
@@ -198,14 +199,8 @@ def dpo_batch_loss(policy: Llama, params, batch: PreferenceBatch, *, beta: float
   b, _, r = pairs.responses.shape
   if jnp.shape(batch.a_preferred) != (b,):
     raise ValueError(f'a_preferred must be [B] = ({b},) booleans; got shape {jnp.shape(batch.a_preferred)}.')
-  ref_chosen, ref_rejected = batch.chosen_rejected(pairs.ref_logprobs.sum(-1))
-  prompts = pairs.prompts.repeat(2)  # [B, 2, R] -> [2B, R]: responses a, then responses b.
-  tokens = pairs.responses.transpose(1, 0, 2).reshape(2 * b, r)
-  mask = pairs.response_mask.transpose(1, 0, 2).reshape(2 * b, r)
-  allowed = None if allowed_tokens is None else jnp.asarray(allowed_tokens)
-  lp = response_logprobs(policy, params, prompts.tokens, prompts.mask, tokens, mask, allowed)
-  policy_chosen, policy_rejected = batch.chosen_rejected(lp.sum(-1).reshape(2, b).T)
-  return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+  return preference_loss(policy, params, batch, beta,
+                         None if allowed_tokens is None else jnp.asarray(allowed_tokens))
 
 
 def bradley_terry_labels(rewards: jax.Array, rng: jax.Array) -> jax.Array:
@@ -264,9 +259,9 @@ def synthetic_problem(seed: int = 0, *, hidden_size: int = 32, num_layers: int =
   (sft_steps of AdamW, 32 demonstrations a step).
   """
   from pilaf_jax import default_config
-  from pilaf_jax.learning.sft import sft_step
-  from pilaf_jax.learning.train_state import init_train_state, make_optimizer
-  from pilaf_jax.model.llama import LlamaConfig, init_params
+  from pilaf_jax.learning.sft import train_reference
+  from pilaf_jax.model.llama import LlamaConfig
+  from pilaf_jax.streams import INIT_STREAM, SFT_STREAM
   from pilaf_jax.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
   if hidden_size < 2 or hidden_size % 2 or num_layers < 1 or response_len < 3 or sft_steps < 0:
     raise ValueError(f'hidden_size={hidden_size} (even, >= 2), num_layers={num_layers} (>= 1), '
@@ -278,14 +273,9 @@ def synthetic_problem(seed: int = 0, *, hidden_size: int = 32, num_layers: int =
                             intermediate_size=2 * hidden_size, num_layers=num_layers, num_heads=2,
                             num_kv_heads=1))
   key = jax.random.key(seed)
-  tx = make_optimizer(3e-3, warmup_steps=10)
-  allowed = jnp.asarray(task.allowed_tokens)
-
-  @jax.jit
-  def step(state, i):
-    prompts, responses, mask = task.sft_batch(jax.random.fold_in(jax.random.fold_in(key, 1), i), 32)
-    return sft_step(state, prompts, responses, mask, model=model, tx=tx, allowed_tokens=allowed)[0]
-  state = init_train_state(init_params(model.cfg, jax.random.fold_in(key, 0)), tx)
-  for i in range(sft_steps):
-    state = step(state, i)
-  return SyntheticProblem(task=task, model=model, ref_params=state.params)
+  substream = {INIT_STREAM: 0, SFT_STREAM: 1}  # This problem's own key layout (its results predate streams.py).
+  sft = types.SimpleNamespace(learning_rate=3e-3, warmup_steps=10, weight_decay=0.0, batch_size=32,
+                              steps=sft_steps)
+  params = train_reference(task, model, None, sft, lambda stream, i: jax.random.fold_in(
+      jax.random.fold_in(key, substream[stream]), i), log=lambda _: None)
+  return SyntheticProblem(task=task, model=model, ref_params=params)

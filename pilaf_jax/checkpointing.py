@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import time
 from typing import Any, Callable, Optional
 
@@ -270,16 +269,3 @@ class Checkpointer:
         _all_processes_ok(True)  # Every process waits until it is set aside.
         self._manager.reload()  # The resumed run saves that step afresh.
     return None
-
-
-def read_latest_meta(directory: str) -> Optional[tuple[int, dict]]:
-  """(step, meta) of the newest checkpoint in directory, without restoring arrays."""
-  manager = ocp.CheckpointManager(paths.as_path(directory),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-      return step, dict(meta)
-    except Exception:  # pylint: disable=broad-except
-      continue
-  return None

@@ -6,6 +6,8 @@ from typing import Any
 
 import ml_collections
 
+from pilaf_jax.errors import ConfigError, one_line  # noqa: F401  (one_line: for callers)
+
 LOOPS = ('online', 'iterative')
 ROPE_SCALINGS = ('', 'llama3')
 ORACLE_REWARDS = ('task', 'reward_model', 'judge', 'human')
@@ -18,15 +20,6 @@ EXECUTION_FIELDS = ('runtime', 'checkpoint', 'mesh', 'distributed')
 # differs between machines (a gs:// workdir resumed on another VM); who answers function-oracle queries
 # and how often the queue is polled do not change any label.
 EXECUTION_FIELD_NAMES = ('labelling.store_path', 'labelling.worker', 'labelling.poll_seconds')
-
-
-class ConfigError(ValueError):
-  """A user mistake in the config or command line; main prints it without a traceback."""
-
-
-def one_line(error: BaseException) -> str:
-  """A library's (possibly multi-line) error message as one line."""
-  return ' '.join(str(error).split())
 
 
 def _require(ok: bool, message: str) -> None:

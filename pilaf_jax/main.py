@@ -7,9 +7,9 @@ its default and meaning.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
+import time
 
 
 def _lock_before_imports():
@@ -177,9 +177,8 @@ def run(config, workdir: str) -> int:
     config_validation.validate(config)
     config = config_validation.resolve_checkpoints(config)
     multihost.initialize_distributed(config.distributed)
-    from pilaf_jax import experiment
-    from pilaf_jax.loops.common import Timer, format_table
-    timer = Timer()
+    from pilaf_jax import experiment, workdir_config
+    started = time.time()
     from pilaf_jax import paths
     try:
       paths.check_remote(workdir)  # A gs:// workdir: gcsfs installed, bucket reachable.
@@ -187,9 +186,9 @@ def run(config, workdir: str) -> int:
       raise ConfigError(str(e)) from None
     if lock is None:
       lock = _lock_workdir(workdir)  # Before anything is written there; released on exit.
-    experiment.check_workdir(config, workdir)
+    workdir_config.check_workdir(config, workdir)
     exp = experiment.Experiment(config, workdir)  # Opens (and checks) the label store.
-    experiment.write_workdir(config, workdir)  # Only once everything agreed with the workdir.
+    workdir_config.write_workdir(config, workdir)  # Only once everything agreed with the workdir.
   except user_errors as e:
     _release(lock)
     print(f'error: {e}', file=sys.stderr)
@@ -221,15 +220,22 @@ def run(config, workdir: str) -> int:
       exp.close()
 
     if counts is not None:  # Process 0 holds the label store and writes the metrics.
-      metrics = paths.join(workdir, 'metrics.jsonl')
-      rows = [json.loads(line) for line in paths.read_text(metrics).splitlines() if line.strip()]
-      print('\n' + format_table(rows))
+      print('\n' + format_table(paths.read_metrics(workdir)))
       print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '
-            f'Wall time {timer.elapsed():.0f} s. Metrics: {metrics}')
+            f'Wall time {time.time() - started:.0f} s. Metrics: {paths.join(workdir, "metrics.jsonl")}')
       print(time_split, flush=True)
     return 0
   finally:
     _release(lock)
+
+
+def format_table(rows: list[dict]) -> str:
+  """The final table printed on stdout."""
+  lines = [f'{"step":>6} {"labels":>8} {"reward":>16} {"KL":>16} {"J":>16}']
+  for r in rows:
+    lines.append(f'{r["step"]:>6} {r["labels_used"]:>8} {r["reward"]:>8.3f} ± {r["reward_se"]:<5.3f} '
+                 f'{r["kl"]:>8.3f} ± {r["kl_se"]:<5.3f} {r["J"]:>8.3f} ± {r["J_se"]:<5.3f}')
+  return '\n'.join(lines)
 
 
 def _lock_single_process_workdir(config, workdir: str):

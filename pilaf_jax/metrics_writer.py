@@ -39,13 +39,8 @@ class MetricsWriter:
       if resume_step is None and paths.read_text(self.path).strip():
         raise ValueError(f'{self.path} holds rows of an earlier run: pass resume_step (the step this run '
                          'resumes from, or -1 to start afresh and replace them).')
-      for line in paths.read_text(self.path).splitlines():
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # A line torn by a crash (files written by appending, before this writer).
-        if resume_step is not None and row.get(step_key, 0) <= resume_step:
-          self._rows.append(json.dumps(row))
+      self._rows = [json.dumps(row) for row in paths.read_metrics(workdir)
+                    if resume_step is not None and row.get(step_key, 0) <= resume_step]
       self._flush_rows()
     self._tb = ScalarEventWriter(self._tb_local)
     if resume_step is not None:

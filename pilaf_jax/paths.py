@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -252,3 +253,15 @@ def tensorboard_dirs(workdir: PathLike) -> tuple[str, Optional[str]]:
   if is_remote(workdir):
     return os.path.join(local_dir(workdir), 'tensorboard'), join(workdir, 'tensorboard')
   return os.path.join(os.fspath(as_path(workdir)), 'tensorboard'), None
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of <workdir>/metrics.jsonl ([] when absent); a line torn by a crash is skipped."""
+  path = join(workdir, 'metrics.jsonl')
+  rows = []
+  for line in (read_text(path).splitlines() if exists(path) else []):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue  # Files written by appending, before this writer, may end in a torn line.
+  return rows

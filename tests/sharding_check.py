@@ -27,18 +27,18 @@ def run(mesh, workdir):
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   devices = jax.devices()[:int(np.prod(mesh))]
   exp = Experiment(c, workdir, devices)
-  place = exp.placement
-  init = jax.jit(lambda rng: init_params(exp.model.cfg, rng), out_shardings=place.params)
+  place = exp.models.placement
+  init = jax.jit(lambda rng: init_params(exp.models.model.cfg, rng), out_shardings=place.params)
   ref, policy = init(jax.random.key(0)), init(jax.random.key(1))
-  run_state = exp.init_run_state(ref).replace(train=exp.init_policy_state(policy))
+  run_state = exp.models.init_run_state(ref).replace(train=exp.models.init_policy_state(policy))
   out = {}
   for sampler in ('pilaf', 'hybrid'):  # Every decode row group: policy-only, mixed, reference-only.
-    pairs = exp.sampler(sampler)(run_state.train.params, ref, exp.prompts(0, 16), place.scalar(0))
+    pairs = exp.models.sampler(sampler)(run_state.train.params, ref, exp.models.prompts(0, 16), place.scalar(0))
     out[sampler] = jax.device_get((pairs.responses, pairs.policy_logprobs, pairs.ref_logprobs))
   batch, _ = exp.labelled_batch('online/000000', 0, 0, 'pilaf', run_state.train.params, ref, 16)
   train = run_state.train
   for _ in range(2):
-    train, metrics = exp.train_step(train, batch)
+    train, metrics = exp.models.train_step(train, batch)
   out['loss'] = float(metrics['dpo_loss'])
   out['params'] = jax.device_get(train.params)
   out['eval'] = exp.evaluate(train.params, ref)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pilaf_jax import default_config, experiment
+from pilaf_jax import default_config, workdir_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ def test_missing_workdir():
 def test_workdir_of_another_config_is_refused(tmp_path):
   config = default_config.get_config()
   config.seed = 1
-  experiment.prepare_workdir(config, str(tmp_path))
+  workdir_config.prepare_workdir(config, str(tmp_path))
   code, out = _main('--config.seed=2', '--config.sampler.name=vanilla', workdir=tmp_path)
   assert code == 2 and 'holds a run of another config' in out, out
   assert 'seed: 1 -> 2' in out and "sampler.name: 'pilaf' -> 'vanilla'" in out, out
@@ -59,12 +59,12 @@ def test_workdir_of_another_config_is_refused(tmp_path):
 def test_fields_added_since_a_run_match_at_their_default(tmp_path):
   import json
   config = default_config.get_config()
-  experiment.prepare_workdir(config, str(tmp_path))
+  workdir_config.prepare_workdir(config, str(tmp_path))
   path = tmp_path / 'config.json'
   saved = json.loads(path.read_text())
   del saved['fingerprint']['model.remat']  # As if written before the field existed.
   path.write_text(json.dumps(saved))
-  experiment.check_workdir(config, str(tmp_path))  # Default value: accepted.
+  workdir_config.check_workdir(config, str(tmp_path))  # Default value: accepted.
   config.model.remat = True
-  with pytest.raises(experiment.ConfigError, match="model.remat: '<absent>' -> True"):
-    experiment.check_workdir(config, str(tmp_path))
+  with pytest.raises(workdir_config.ConfigError, match="model.remat: '<absent>' -> True"):
+    workdir_config.check_workdir(config, str(tmp_path))

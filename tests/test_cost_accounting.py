@@ -13,7 +13,7 @@ import pytest
 from conftest import EOS, PAD, TINY_ALLOWED, TINY_VOCAB, prompt_batch, tiny_model
 from pilaf_jax.batches import POLICY, CostTotals, PreferenceBatch, SamplingCost
 from pilaf_jax.labelling.label_store import LabelStore
-from pilaf_jax.loops.common import evaluation_row
+from pilaf_jax.loops.loop import evaluation_row
 from pilaf_jax.sampling.decode import DecodeSettings
 from pilaf_jax.sampling.samplers import SamplerContext, make_sampler
 

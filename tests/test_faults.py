@@ -541,13 +541,12 @@ def test_two_loops_on_one_workdir_second_refused_first_as_solo(short_run, tmp_pa
 def test_cached_reference_follows_the_same_rules(tmp_path, monkeypatch, case):
   import orbax.checkpoint as ocp
   from pilaf_jax.config_validation import ConfigError
-  from pilaf_jax.experiment import Experiment
+  from pilaf_jax.learning.reference import restore_reference
   cached = tmp_path / 'reference' / 'params'
   saver = ocp.StandardCheckpointer()
   saver.save(cached, _tree())
   saver.wait_until_finished()
   given = str(tmp_path / 'reference') if case == 'unreadable_given' else ''
-  fake = types.SimpleNamespace(config=types.SimpleNamespace(sft=types.SimpleNamespace(init_checkpoint=given)))
   target = _tree(extra=case == 'mismatch')
   if case.startswith('unreadable'):
     victim = max((p for p in cached.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
@@ -563,7 +562,7 @@ def test_cached_reference_follows_the_same_rules(tmp_path, monkeypatch, case):
     monkeypatch.setattr(ocp.StandardCheckpointer, 'restore', flaky)
   before = _listing(tmp_path)
   messages = []
-  restore = lambda: Experiment._restore_reference(fake, cached, target, messages.append)
+  restore = lambda: restore_reference(cached, target, given, messages.append)
   if case == 'transient':
     params = restore()
     np.testing.assert_array_equal(params['a'], np.arange(3))

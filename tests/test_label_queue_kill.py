@@ -30,13 +30,13 @@ SEED, B = 3, 16
 
 def loop_labels(rule: str, rewards: np.ndarray, index: int) -> np.ndarray:
   """The labels as the loop computed them before the queue: the rule keyed by the run's ORACLE_STREAM."""
-  from pilaf_jax.experiment import ORACLE_STREAM
+  from pilaf_jax.streams import ORACLE_STREAM
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(SEED), ORACLE_STREAM), index)
   return np.asarray(make_label_rule(rule)(rewards, key))
 
 
 def test_worker_stream_is_the_experiments():
-  from pilaf_jax.experiment import ORACLE_STREAM
+  from pilaf_jax.streams import ORACLE_STREAM
   assert worker_lib.ORACLE_STREAM == ORACLE_STREAM
 
 

@@ -20,10 +20,9 @@ import pytest
 
 from conftest import EOS, PAD, TINY_ALLOWED, prompt_batch, response_ids
 from pilaf_jax.analysis import theory
-from pilaf_jax.batches import PreferenceBatch
+from pilaf_jax.batches import PairBatch, PreferenceBatch, PromptBatch
 from pilaf_jax.labelling.oracles import make_label_rule
-from pilaf_jax.learning.dpo import dpo_loss
-from pilaf_jax.model.scoring import response_logprobs
+from pilaf_jax.learning.dpo import preference_loss
 from pilaf_jax.sampling import DecodeSettings, SamplerContext, make_sampler
 from pilaf_jax.sampling.samplers import enumerate_responses
 
@@ -155,15 +154,12 @@ def lab(tiny_pair):
 
 
 def _pair_loss(ctx, params, prompt_tokens, prompt_mask, responses, response_mask, ref_logprobs, a_preferred):
-  """The real DPO loss (learning/dpo.py) of one labelled pair, with the policy's log-probs computed as
-  dpo_step computes them and the reference's taken from the sampler's pair."""
-  prompts = jnp.broadcast_to(prompt_tokens, (2,) + prompt_tokens.shape)
-  pmask = jnp.broadcast_to(prompt_mask, (2,) + prompt_mask.shape)
-  seq = response_logprobs(ctx.policy, params, prompts, pmask, responses, response_mask, ctx.allowed).sum(-1)
-  ref = ref_logprobs.sum(-1)
-  pick = lambda x: (jnp.where(a_preferred, x[0], x[1]), jnp.where(a_preferred, x[1], x[0]))
-  (pc, pr), (rc, rr) = pick(seq), pick(ref)
-  return dpo_loss(pc[None], pr[None], rc[None], rr[None], ctx.beta)[0]
+  """The real DPO loss (learning/dpo.py, as dpo_step computes it) of one labelled pair, the
+  reference's log-probs taken from the sampler's pair."""
+  pairs = PairBatch(prompts=PromptBatch(prompt_tokens[None], prompt_mask[None]), responses=responses[None],
+                    response_mask=response_mask[None], policy_logprobs=jnp.zeros_like(ref_logprobs[None]),
+                    ref_logprobs=ref_logprobs[None], source=None, cost=None)
+  return preference_loss(ctx.policy, params, PreferenceBatch(pairs, a_preferred[None]), ctx.beta, ctx.allowed)[0]
 
 
 @pytest.fixture(scope='module')

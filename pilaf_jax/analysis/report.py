@@ -13,8 +13,9 @@ from typing import Optional
 
 import numpy as np
 
-from pilaf_jax import study as study_lib
+from pilaf_jax import study_spec as study_lib
 from pilaf_jax.analysis import stats
+from pilaf_jax.paths import read_metrics
 
 DECODE_FIELDS = ('policy_decode_tokens', 'ref_decode_tokens')
 SCORING_FIELDS = ('policy_scoring_tokens', 'ref_scoring_tokens')
@@ -37,7 +38,7 @@ def load_runs(workdir: str) -> tuple[dict, list[dict]]:
   for run in study_lib.plan(spec, workdir):
     state, _, _ = study_lib.run_state(run.workdir)
     runs.append(dict(name=run.name, setting=run.setting, sampler=run.sampler, seed=run.seed, state=state,
-                     workdir=run.workdir, rows=study_lib.read_metrics(run.workdir),
+                     workdir=run.workdir, rows=read_metrics(run.workdir),
                      config=study_lib.read_config(run.workdir)))
   return spec, runs
 

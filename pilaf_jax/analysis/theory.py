@@ -40,7 +40,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -329,86 +329,40 @@ def _unflatten(flat: jax.Array, like):
 
 def run_lab(config, workdir: str, *, steps: int, every: int, num_prompts: int, train_sampler: str,
             samplers: Sequence[str], variance: bool = True, log=print) -> list[dict]:
-  """Online DPO with train_sampler, measuring every sampler exactly every `every` steps."""
-  from pilaf_jax import experiment
+  """Online DPO with train_sampler (the training loop of loops/loop.py, evaluating every `every`
+  steps), measuring every sampler exactly at each evaluation point."""
+  from pilaf_jax import experiment, workdir_config
+  from pilaf_jax.loops.loop import run_loop
+  from pilaf_jax.loops.online import OnlineSchedule
+  from pilaf_jax.analysis.theory_outputs import write_outputs
   from pilaf_jax.tasks.base import EVAL
+  config = config.copy_and_resolve_references()
+  config.eval.every_steps = every
   os.makedirs(workdir, exist_ok=True)
-  experiment.prepare_workdir(config, workdir)
+  workdir_config.prepare_workdir(config, workdir)
   exp = experiment.Experiment(config, workdir)
+  models, rows = exp.models, []
   try:
-    ref = exp.reference_params(log)
-    state = exp.init_policy_state(exp.initial_policy_params(ref))
-    prompts = jax.tree.map(np.asarray, exp.task.prompts(EVAL, 0, num_prompts))
-    lab = ExactLab.build(exp.sampler_ctx, PromptBatch(jnp.asarray(prompts.tokens), jnp.asarray(prompts.mask),
-                                                       prompts.ids),
-                         lambda p, y, m: exp.task.rewards(EVAL, p, y, m))
+    prompts = jax.tree.map(np.asarray, models.task.prompts(EVAL, 0, num_prompts))
+    lab = ExactLab.build(models.sampler_ctx, PromptBatch(jnp.asarray(prompts.tokens), jnp.asarray(prompts.mask),
+                                                         prompts.ids),
+                         lambda p, y, m: models.task.rewards(EVAL, p, y, m))
     log(f'Theory lab: {num_prompts} held-out prompts x {lab.tokens.shape[0]} responses; training with '
         f'{train_sampler} for {steps} steps, measuring {", ".join(samplers)} every {every} steps.')
-    rows = []
-    path = os.path.join(workdir, 'theory.jsonl')
-    with open(path, 'w') as f:
-      for t in range(steps + 1):
-        if t % every == 0 or t == steps:
-          start = time.time()
-          row = {'step': t, 'labels_used': t * config.dpo.batch_size,
-                 **lab.measure(state.params, ref, samplers, variance)}
-          rows.append(row)
-          f.write(json.dumps(row) + '\n')
-          f.flush()
-          log(f'step {t:4d}: J {row["J"]:.3f} (J* {row["J_star"]:.3f})  cosine with grad J: ' + '  '.join(
-              f'{s} {row["samplers"][s]["cosine"]:+.3f}' for s in samplers) + f'  ({time.time() - start:.1f} s)')
-        if t == steps:
-          break
-        labelled, _ = exp.labelled_batch(f'theory/{t:06d}', t, t, train_sampler, state.params, ref,
-                                         config.dpo.batch_size)
-        state, _ = exp.train_step(state, labelled)
+    with open(os.path.join(workdir, 'theory.jsonl'), 'w') as f:
+      def measure(t: int, run, ref) -> None:
+        start = time.time()
+        row = {'step': t, 'labels_used': int(run.labels_used), **lab.measure(run.train.params, ref, samplers, variance)}
+        rows.append(row)
+        f.write(json.dumps(row) + '\n')
+        f.flush()
+        log(f'step {t:4d}: J {row["J"]:.3f} (J* {row["J_star"]:.3f})  cosine with grad J: ' + '  '.join(
+            f'{s} {row["samplers"][s]["cosine"]:+.3f}' for s in samplers) + f'  ({time.time() - start:.1f} s)')
+      run_loop(exp, OnlineSchedule(config, train_sampler, steps, prefix='theory'), log, measure=measure)
   finally:
     exp.close()
-  write_outputs(rows, samplers, workdir, train_sampler)
+  write_outputs(rows, samplers, workdir, train_sampler)  # theory.md and the plots.
   return rows
-
-
-def write_outputs(rows: list[dict], samplers: Sequence[str], workdir: str, train_sampler: str) -> None:
-  lines = [f'# Theory lab: exact alignment along an online DPO run ({train_sampler} sampling)', '',
-           'cos = cosine between the population DPO ascent direction of each sampler\'s preference data '
-           'and grad J (parameter space). var = per-label variance of the stochastic DPO gradient '
-           '(trace); n1 = labelled pairs for its component along grad J to reach signal/noise 1.', '',
-           '| step | J | J* | ' + ' | '.join(f'{s} cos | {s} var | {s} n1' for s in samplers) + ' |',
-           '|---|---|---|' + '---|---|---|' * len(samplers)]
-  for r in rows:
-    cells = []
-    for s in samplers:
-      x = r['samplers'][s]
-      cells += [f'{x["cosine"]:+.3f}', f'{x.get("variance", float("nan")):.3g}',
-                f'{x.get("labels_for_snr1_along_J", float("nan")):.3g}']
-    lines.append(f'| {r["step"]} | {r["J"]:.3f} | {r["J_star"]:.3f} | ' + ' | '.join(cells) + ' |')
-  with open(os.path.join(workdir, 'theory.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  steps = [r['step'] for r in rows]
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  for i, s in enumerate(samplers):
-    ax.plot(steps, [r['samplers'][s]['cosine'] for r in rows], marker='o', ms=3, color=f'C{i}', label=s)
-  ax.set_xlabel(f'online DPO step ({train_sampler} sampling)')
-  ax.set_ylabel('cos(population DPO direction, grad J)')
-  ax.set_title('Exact alignment of each sampler\'s expected DPO gradient with grad J', fontsize=10)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'theory_cosine.png'), dpi=120)
-  plt.close(fig)
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  ax.plot(steps, [r['J'] for r in rows], marker='o', ms=3, label='J(pi_theta), exact')
-  ax.axhline(rows[0]['J_star'], color='k', ls='--', lw=1, label='J* (optimum)')
-  ax.set_xlabel('online DPO step')
-  ax.set_ylabel('J on the lab prompts')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'theory_J.png'), dpi=120)
-  plt.close(fig)
 
 
 def main() -> None:

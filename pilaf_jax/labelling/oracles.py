@@ -11,26 +11,24 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from pilaf_jax.registry import lookup, registrar
+
 # (rewards [B, 2], rng) -> a_preferred [B] bool
 LabelRule = Callable[[jax.Array, jax.Array], jax.Array]
-ORACLES: dict[str, LabelRule] = {}
+LABEL_RULES: dict[str, LabelRule] = {}
+ORACLES = LABEL_RULES  # The former name, for one release.
+register_label_rule = registrar(LABEL_RULES)
+register_oracle = register_label_rule  # The former name, for one release.
 
 
-def register_oracle(name: str):
-  def wrap(fn: LabelRule) -> LabelRule:
-    ORACLES[name] = fn
-    return fn
-  return wrap
-
-
-@register_oracle('bradley_terry')
+@register_label_rule('bradley_terry')
 def bradley_terry(rewards: jax.Array, rng: jax.Array) -> jax.Array:
   """P(a beats b) = sigmoid(r*(x, a) - r*(x, b)), sampled."""
   rewards = jnp.asarray(rewards, jnp.float32)
   return jax.random.bernoulli(rng, jax.nn.sigmoid(rewards[:, 0] - rewards[:, 1]))
 
 
-@register_oracle('deterministic')
+@register_label_rule('deterministic')
 def deterministic(rewards: jax.Array, rng: jax.Array) -> jax.Array:
   """The higher reward wins; exact ties are broken by a fair coin."""
   rewards = jnp.asarray(rewards, jnp.float32)
@@ -40,6 +38,4 @@ def deterministic(rewards: jax.Array, rng: jax.Array) -> jax.Array:
 
 def make_label_rule(name: str) -> LabelRule:
   """fn(rewards [B, 2], rng) -> a_preferred [B]; pure, jit it where it is used."""
-  if name not in ORACLES:
-    raise ValueError(f'oracle.name={name!r} is unknown; allowed: {sorted(ORACLES)}.')
-  return ORACLES[name]
+  return lookup(LABEL_RULES, name, 'oracle.name')

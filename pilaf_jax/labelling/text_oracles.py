@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pilaf_jax.config_validation import ConfigError
+from pilaf_jax.errors import ConfigError
 from pilaf_jax.model.llama import Llama
 from pilaf_jax.parallel.mesh import batch_sharding
 from pilaf_jax.parallel.partitioning import param_shardings

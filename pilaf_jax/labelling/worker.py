@@ -28,11 +28,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from pilaf_jax.labelling.queue import AlreadyAnswered, LabelQueue, QueryResolved, QueueError
+from pilaf_jax.streams import ORACLE_STREAM  # Imports nothing: a worker starts without the models.
 
 PROGRESS_SECONDS = 10.0  # The worker reports at most this often.
-# experiment.ORACLE_STREAM, repeated here so that a worker starts without importing the models
-# (tests/test_label_queue_kill.py checks that they agree).
-ORACLE_STREAM = 4
 
 
 class FunctionOracle:

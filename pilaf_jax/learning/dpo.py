@@ -27,11 +27,13 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
                 'rejected_reward': rejected_reward.mean()}
 
 
-def dpo_step(state: TrainState, batch: PreferenceBatch, *, model: Llama, tx: optax.GradientTransformation,
-             beta: float, allowed_tokens: Optional[jax.Array] = None,
-             constrain_rows: Optional[Callable[[Any], Any]] = None) -> tuple[TrainState, dict]:
-  """One optimiser step on a batch of labelled pairs. Reference log-probs come from the batch
-  (computed at sampling time): the step runs the policy alone.
+def preference_loss(model: Llama, params, batch: PreferenceBatch, beta: float,
+                    allowed_tokens: Optional[jax.Array] = None,
+                    constrain_rows: Optional[Callable[[Any], Any]] = None) -> tuple[jax.Array, dict]:
+  """The DPO loss of labelled pairs under `params`, and its metrics (differentiable in params).
+
+  Policy log-probs of both responses of every pair come from one forward pass ([B, 2, R] -> [2B, R]);
+  reference log-probs come from the batch (computed at sampling time): the reference never runs here.
 
   constrain_rows: inside jit on a mesh, pins the [2B, ...] rows of the forward pass to the batch
   axes (e.g. Placement.constrain_rows). Without it XLA cannot split the rows that the [B, 2] ->
@@ -42,19 +44,22 @@ def dpo_step(state: TrainState, batch: PreferenceBatch, *, model: Llama, tx: opt
   b, _, r = pairs.responses.shape
   ref_chosen, ref_rejected = batch.chosen_rejected(pairs.ref_logprobs.sum(-1))
   constrain = constrain_rows or (lambda x: x)
+  prompts = pairs.prompts.repeat(2)  # Responses a, then responses b.
+  tokens = pairs.responses.transpose(1, 0, 2).reshape(2 * b, r)
+  mask = pairs.response_mask.transpose(1, 0, 2).reshape(2 * b, r)
+  prompt_tokens, prompt_mask, tokens, mask = constrain((prompts.tokens, prompts.mask, tokens, mask))
+  lp = response_logprobs(model, params, prompt_tokens, prompt_mask, tokens, mask, allowed_tokens,
+                         constrain_rows)
+  policy_chosen, policy_rejected = batch.chosen_rejected(lp.sum(-1).reshape(2, b).T)
+  return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
 
-  def loss_fn(params):
-    # Both responses of a pair in one forward pass: [B, 2, R] -> [2B, R].
-    prompts = pairs.prompts.repeat(2)
-    tokens = pairs.responses.transpose(1, 0, 2).reshape(2 * b, r)
-    mask = pairs.response_mask.transpose(1, 0, 2).reshape(2 * b, r)
-    prompt_tokens, prompt_mask, tokens, mask = constrain((prompts.tokens, prompts.mask, tokens, mask))
-    lp = response_logprobs(model, params, prompt_tokens, prompt_mask, tokens, mask, allowed_tokens,
-                           constrain_rows)
-    seq_lp = lp.sum(-1).reshape(2, b).T  # [B, 2]
-    policy_chosen, policy_rejected = batch.chosen_rejected(seq_lp)
-    return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
 
+def dpo_step(state: TrainState, batch: PreferenceBatch, *, model: Llama, tx: optax.GradientTransformation,
+             beta: float, allowed_tokens: Optional[jax.Array] = None,
+             constrain_rows: Optional[Callable[[Any], Any]] = None) -> tuple[TrainState, dict]:
+  """One optimiser step on a batch of labelled pairs: the gradient of preference_loss (the policy
+  runs alone; see there for constrain_rows)."""
+  loss_fn = lambda params: preference_loss(model, params, batch, beta, allowed_tokens, constrain_rows)
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

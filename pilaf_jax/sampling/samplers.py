@@ -16,18 +16,13 @@ import numpy as np
 
 from pilaf_jax.batches import PI_MINUS, PI_PLUS, POLICY, REFERENCE, PairBatch, PromptBatch, SamplingCost
 from pilaf_jax.model.llama import Llama
+from pilaf_jax.registry import lookup, registrar
 from pilaf_jax.model.scoring import response_logprobs
 from pilaf_jax.sampling.decode import DecodeSettings, RowLayout, Rollout, decode
 
 SamplerFn = Callable[..., PairBatch]
 SAMPLERS: dict[str, SamplerFn] = {}
-
-
-def register_sampler(name: str):
-  def wrap(fn: SamplerFn) -> SamplerFn:
-    SAMPLERS[name] = fn
-    return fn
-  return wrap
+register_sampler = registrar(SAMPLERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,10 +254,9 @@ def t_pilaf(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch
   return pairs.replace(source=source.astype(jnp.int8))
 
 
-def check_sampler(name: str, ctx: SamplerContext) -> SamplerFn:
+def build_sampler(name: str, ctx: SamplerContext) -> SamplerFn:
   """The named sampler function, after checking that it can run with ctx (clear errors, no work)."""
-  if name not in SAMPLERS:
-    raise ValueError(f'sampler.name={name!r} is unknown; allowed: {sorted(SAMPLERS)}.')
+  fn = lookup(SAMPLERS, name, 'sampler.name')
   if ctx.policy.cfg.vocab_size != ctx.ref.cfg.vocab_size:
     raise ValueError(f'Policy and reference must share one vocabulary to mix token by token: '
                      f'policy vocab_size={ctx.policy.cfg.vocab_size}, '
@@ -282,14 +276,17 @@ def check_sampler(name: str, ctx: SamplerContext) -> SamplerFn:
           f'{ctx.settings.max_new_tokens} give {e} responses per prompt, more than '
           f'sampler.max_enumerated_responses={ctx.max_enumerated_responses}. Use a smaller task '
           f'(e.g. configs/enumerable.py) or raise that limit.')
-  return SAMPLERS[name]
+  return fn
+
+
+check_sampler = build_sampler  # The former name, for one release.
 
 
 def make_sampler(name: str, ctx: SamplerContext) -> Callable[..., PairBatch]:
   """The named sampler, checked and jitted: fn(policy_params, ref_params, prompts, rng) -> PairBatch.
 
-  (Experiment builds its own jit of check_sampler(...) with explicit shardings.)
+  (The run builds its own jit of build_sampler(...) with explicit shardings.)
   """
-  fn = check_sampler(name, ctx)
+  fn = build_sampler(name, ctx)
   return jax.jit(lambda policy_params, ref_params, prompts, rng: fn(ctx, policy_params, ref_params,
                                                                    prompts, rng))

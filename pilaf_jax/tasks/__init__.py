@@ -11,6 +11,7 @@ from typing import Callable
 
 import jax
 
+from pilaf_jax.registry import lookup
 from pilaf_jax.tasks.base import (EVAL, REFERENCE_CHECKPOINT, REFERENCE_SFT, SPLITS, TRAIN, Task)
 from pilaf_jax.tasks.synthetic import (BOS, EOS, PAD, SyntheticTask, SyntheticTaskConfig, SyntheticWorld,
                                        make_world, oracle_reward, sample_behaviour, sample_prompts)
@@ -35,6 +36,4 @@ def make_task(config, run_key: jax.Array, placement=None, workdir: str = '') -> 
   placement: the run's mesh placement (for oracles that run a model); workdir: where a task may
   keep what it prepares once (a dataset build).
   """
-  if config.task.name not in TASKS:
-    raise ValueError(f'task.name={config.task.name!r} is unknown; allowed: {sorted(TASKS)}.')
-  return TASKS[config.task.name](config, run_key, placement, workdir)
+  return lookup(TASKS, config.task.name, 'task.name')(config, run_key, placement, workdir)

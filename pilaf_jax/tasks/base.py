@@ -49,3 +49,18 @@ class Task(Protocol):
 
   def render_response(self, tokens: np.ndarray, mask: np.ndarray) -> str:
     """One response's text ([R] tokens and validity), as a labeller is shown it."""
+
+
+def pair_queries(task: Task, pairs, rewards: Optional[np.ndarray]) -> list[dict]:
+  """A sampled batch's queries for the labelling queue (host PairBatch, TRAIN prompts): texts,
+  sources, and the oracle's rewards [B, 2] (None when people label)."""
+  ids, source = np.asarray(pairs.prompts.ids), np.asarray(pairs.source)
+  responses, mask = np.asarray(pairs.responses), np.asarray(pairs.response_mask)
+  many = getattr(task, 'describe_many', None)  # Optional: one call for the whole batch.
+  texts = many(TRAIN, ids) if many else [task.describe(TRAIN, int(i)) for i in ids]
+  reward = lambda i, k: None if rewards is None else float(rewards[i, k])
+  return [dict(row=i, prompt_id=int(ids[i]), prompt_text=texts[i],
+               response_a_text=task.render_response(responses[i, 0], mask[i, 0]),
+               response_b_text=task.render_response(responses[i, 1], mask[i, 1]),
+               source_a=int(source[i, 0]), source_b=int(source[i, 1]),
+               oracle_reward_a=reward(i, 0), oracle_reward_b=reward(i, 1)) for i in range(len(ids))]

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from pilaf_jax.batches import PromptBatch
-from pilaf_jax.config_validation import ConfigError, one_line
+from pilaf_jax.errors import ConfigError, one_line
 from pilaf_jax.data.prompts import PromptSource
 from pilaf_jax.data.tokenization import ChatTokenizer
 from pilaf_jax.tasks.base import EVAL, REFERENCE_CHECKPOINT, SPLITS, TRAIN
