@@ -114,6 +114,25 @@ def _prefill(model: Llama, params, prompts: PromptBatch, positions, slots: int):
   return logits[:, -1], cache
 
 
+def draw_token(t, done, lp_pol, lp_ref, rng, layout: RowLayout, mix_coef, settings: DecodeSettings,
+               pol_rows, ref_rows) -> tuple[jax.Array, dict]:
+  """Response token t of every row (pad where done) from the layout's mixture, filtered, and what is
+  recorded of it: (token, {tokens, mask, sampling_logprobs, policy_logprobs, ref_logprobs}), the
+  log-probs of a model that did not run (lp_* None) being zeros. Shared by both decoders."""
+  n = done.shape[0]
+  logits = filter_logits(layout_logprobs(layout, lp_pol, lp_ref, mix_coef), settings.temperature,
+                         settings.top_k, settings.top_p)
+  token = sample_tokens(jax.random.fold_in(rng, t), logits, greedy=settings.temperature == 0)
+  token = jnp.where(done, settings.pad_id, token)
+  new = dict(tokens=token, mask=~done, sampling_logprobs=pick_tokens(jax.nn.log_softmax(logits, axis=-1), token),
+             policy_logprobs=jnp.zeros((n,), jnp.float32), ref_logprobs=jnp.zeros((n,), jnp.float32))
+  if lp_pol is not None:
+    new['policy_logprobs'] = new['policy_logprobs'].at[pol_rows].set(pick_tokens(lp_pol, token[pol_rows]))
+  if lp_ref is not None:
+    new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(pick_tokens(lp_ref, token[ref_rows]))
+  return token, new
+
+
 def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: PromptBatch,
            mix_coef: jax.Array, rng: jax.Array, *, layout: RowLayout, settings: DecodeSettings,
            allowed_tokens: Optional[jax.Array] = None) -> Rollout:
@@ -145,18 +164,8 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
     """Draws response token t of every row and records it; returns (token, valid, done, out)."""
     lp_pol = masked_log_softmax(pol_logits, allowed_tokens) if run_policy else None
     lp_ref = masked_log_softmax(ref_logits, allowed_tokens) if run_ref else None
-    logits = filter_logits(layout_logprobs(layout, lp_pol, lp_ref, mix_coef), settings.temperature,
-                           settings.top_k, settings.top_p)
-    token = sample_tokens(jax.random.fold_in(rng, t), logits, greedy=settings.temperature == 0)
-    token = jnp.where(done, settings.pad_id, token)
-    valid = ~done
-    new = dict(tokens=token, mask=valid,
-               sampling_logprobs=pick_tokens(jax.nn.log_softmax(logits, axis=-1), token),
-               policy_logprobs=jnp.zeros((n,), jnp.float32), ref_logprobs=jnp.zeros((n,), jnp.float32))
-    if run_policy:
-      new['policy_logprobs'] = new['policy_logprobs'].at[pol_rows].set(pick_tokens(lp_pol, token[pol_rows]))
-    if run_ref:
-      new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(pick_tokens(lp_ref, token[ref_rows]))
+    token, new = draw_token(t, done, lp_pol, lp_ref, rng, layout, mix_coef, settings, pol_rows, ref_rows)
+    valid = new['mask']
     out = {k: jax.lax.dynamic_update_index_in_dim(
         out[k], jnp.where(valid, new[k], jax.lax.dynamic_index_in_dim(out[k], t, 1, False)), t, 1)
            for k in out}

@@ -25,9 +25,8 @@ import jax.numpy as jnp
 
 from pilaf_jax.batches import PromptBatch
 from pilaf_jax.model.llama import Llama
-from pilaf_jax.model.scoring import masked_log_softmax, pick_tokens
-from pilaf_jax.sampling.decode import DecodeSettings, Rollout, RowLayout, layout_logprobs
-from pilaf_jax.sampling.mixing import filter_logits, sample_tokens
+from pilaf_jax.model.scoring import masked_log_softmax
+from pilaf_jax.sampling.decode import DecodeSettings, Rollout, RowLayout, draw_token
 
 
 def _next_token_logits(model: Llama, params, tokens: jax.Array, valid: jax.Array,
@@ -76,19 +75,8 @@ def decode_uncached(policy: Llama, ref: Llama, policy_params, ref_params, prompt
       if run_ref:
         lp_ref = masked_log_softmax(_next_token_logits(ref, ref_params, tokens[ref_rows],
                                                        valid[ref_rows], slot), allowed_tokens)
-      logits = filter_logits(layout_logprobs(layout, lp_pol, lp_ref, mix_coef), settings.temperature,
-                             settings.top_k, settings.top_p)
-      token = sample_tokens(jax.random.fold_in(rng, t), logits, greedy=settings.temperature == 0)
-      token = jnp.where(done, settings.pad_id, token)
-      live = ~done
-      new = dict(tokens=token, mask=live,
-                 sampling_logprobs=pick_tokens(jax.nn.log_softmax(logits, axis=-1), token),
-                 policy_logprobs=jnp.zeros((n,), jnp.float32), ref_logprobs=jnp.zeros((n,), jnp.float32))
-      if run_policy:
-        new['policy_logprobs'] = new['policy_logprobs'].at[pol_rows].set(
-            pick_tokens(lp_pol, token[pol_rows]))
-      if run_ref:
-        new['ref_logprobs'] = new['ref_logprobs'].at[ref_rows].set(pick_tokens(lp_ref, token[ref_rows]))
+      token, new = draw_token(t, done, lp_pol, lp_ref, rng, layout, mix_coef, settings, pol_rows, ref_rows)
+      live = new['mask']
       out = {k: out[k].at[:, t].set(jnp.where(live, new[k], out[k][:, t])) for k in out}
       done = done | settings.is_stop(token)
       # Append the sampled token at slot P + t (invalid for rows that had already ended).
