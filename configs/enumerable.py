@@ -6,7 +6,8 @@ from pilaf_jax import default_config
 
 def get_config():
   c = default_config.get_config()
-  c.task.update(vocab_size=6, prompt_len=6, response_len=4, num_topics=3, num_styles=3)
+  c.task.update(vocab_size=6, prompt_len=6, response_len=4)
+  c.task.synthetic.update(num_topics=3, num_styles=3)
   c.model.update(vocab_size=6, hidden_size=64, intermediate_size=128)
   c.sampler.name = 't_pilaf'
   c.sft.steps = 300

@@ -4,13 +4,13 @@ HH-RLHF prompts, a Llama-3.1-8B reward model as the oracle (the paper's setting)
   python -m pilaf_jax.main --config=configs/llama3_8b_8xh100.py --workdir=/path/to/run \
       --config.model.checkpoint=/models/llama-3.1-8b-sft \
       --config.oracle.checkpoint=/models/Skywork-Reward-Llama-3.1-8B \
-      --config.task.source_dir=/data/hh-rlhf
+      --config.task.chat.source_dir=/data/hh-rlhf
   python -m pilaf_jax.tools.memory_report --config=configs/llama3_8b_8xh100.py --devices=8
 
 The paths below are placeholders: every file is read from local disk (nothing is downloaded).
 model.checkpoint is a Hugging Face directory of the SFT policy (it is also the reference);
-oracle.checkpoint a LlamaForSequenceClassification reward model; task.source_dir holds Anthropic's
-HH-RLHF files (<dir>/<subset>/{train,test}.jsonl.gz), built once into task.data_dir with TFDS.
+oracle.checkpoint a LlamaForSequenceClassification reward model; task.chat.source_dir holds Anthropic's
+HH-RLHF files (<dir>/<subset>/{train,test}.jsonl.gz), built once into task.chat.data_dir with TFDS.
 
 One process drives the node's 8 GPUs. For several nodes use launch/slurm_gpu.sbatch, which sets
 the PILAF_* variables that override config.distributed; the mesh's fsdp=-1 then spans every GPU.
@@ -24,10 +24,10 @@ def get_config():
   c = default_config.get_config()
 
   c.task.name = 'chat'
-  c.task.dataset = 'hh_rlhf'
-  c.task.source_dir = '/data/hh-rlhf'  # Anthropic's jsonl.gz files, one folder per subset.
-  c.task.data_dir = '/data/tensorflow_datasets'
-  c.task.subset = 'all'  # 161k training conversations; evaluation on the test split.
+  c.task.chat.dataset = 'hh_rlhf'
+  c.task.chat.source_dir = '/data/hh-rlhf'  # Anthropic's jsonl.gz files, one folder per subset.
+  c.task.chat.data_dir = '/data/tensorflow_datasets'
+  c.task.chat.subset = 'all'  # 161k training conversations; evaluation on the test split.
   c.task.vocab_size = 128_256  # Llama 3 tokenizer.
   c.task.prompt_len = 512
   c.task.response_len = 512

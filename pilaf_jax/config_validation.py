@@ -6,13 +6,13 @@ from typing import Any
 
 import ml_collections
 
-from pilaf_jax.errors import ConfigError, one_line  # noqa: F401  (one_line: for callers)
+from pilaf_jax import config_aliases
+from pilaf_jax.errors import ConfigError, one_line, require  # noqa: F401  (one_line: for callers)
 
 LOOPS = ('online', 'iterative')
 ROPE_SCALINGS = ('', 'llama3')
 ORACLE_REWARDS = ('task', 'reward_model', 'judge', 'human')
 LABELLING_WORKERS = ('inline', 'external')
-CHAT_DATASETS = ('hh_rlhf', 'jsonl')
 # Fields that change how a run is executed or shown, not what it computes: they may differ when a
 # run is resumed. Everything else must match the workdir's saved config.
 EXECUTION_FIELDS = ('runtime', 'checkpoint', 'mesh', 'distributed')
@@ -22,112 +22,83 @@ EXECUTION_FIELDS = ('runtime', 'checkpoint', 'mesh', 'distributed')
 EXECUTION_FIELD_NAMES = ('labelling.store_path', 'labelling.worker', 'labelling.poll_seconds')
 
 
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the field and what is allowed."""
-  from pilaf_jax.labelling.oracles import ORACLES  # Registries fill on import.
+  from pilaf_jax.labelling.oracles import LABEL_RULES  # Registries fill on import.
   from pilaf_jax.sampling.samplers import SAMPLERS
-  from pilaf_jax.tasks import TASKS
+  from pilaf_jax.tasks import TASK_CHECKS, TASKS
 
-  c = config
-  _require(c.loop in LOOPS, f'loop={c.loop!r} is unknown; allowed: {list(LOOPS)}.')
-  _require(c.beta > 0, f'beta={c.beta} must be > 0 (the paper uses 0.1).')
-  _require(c.task.name in TASKS, f'task.name={c.task.name!r} is unknown; allowed: {sorted(TASKS)}.')
-  _require(c.sampler.name in SAMPLERS,
-           f'sampler.name={c.sampler.name!r} is unknown; allowed: {sorted(SAMPLERS)}.')
+  c = config_aliases.resolve(config)
+  require(c.loop in LOOPS, f'loop={c.loop!r} is unknown; allowed: {list(LOOPS)}.')
+  require(c.beta > 0, f'beta={c.beta} must be > 0 (the paper uses 0.1).')
+  require(c.task.name in TASKS, f'task.name={c.task.name!r} is unknown; allowed: {sorted(TASKS)}.')
+  require(c.sampler.name in SAMPLERS,
+          f'sampler.name={c.sampler.name!r} is unknown; allowed: {sorted(SAMPLERS)}.')
   first = c.iterative.first_iteration_sampler
-  _require(first == '' or first in SAMPLERS, f'iterative.first_iteration_sampler={first!r} is unknown; '
-           f"allowed: '' (use sampler.name) or one of {sorted(SAMPLERS)}.")
-  _require(c.oracle.name in ORACLES, f'oracle.name={c.oracle.name!r} is unknown; allowed: {sorted(ORACLES)}.')
-  _require(c.sampler.best_of_n >= 2, f'sampler.best_of_n={c.sampler.best_of_n} must be >= 2.')
-  _require(0.0 <= c.sampler.vanilla_fraction <= 1.0,
-           f'sampler.vanilla_fraction={c.sampler.vanilla_fraction} must lie in [0, 1].')
-  _require(c.sampler.temperature > 0, f'sampler.temperature={c.sampler.temperature} must be > 0.')
-  _require(c.sampler.top_k >= 0, f'sampler.top_k={c.sampler.top_k} must be >= 0 (0 = off).')
-  _require(0.0 < c.sampler.top_p <= 1.0, f'sampler.top_p={c.sampler.top_p} must lie in (0, 1].')
-  _require(c.task.prompt_len >= 2, f'task.prompt_len={c.task.prompt_len} must be >= 2 (BOS + a token).')
-  _require(c.task.response_len >= 1, f'task.response_len={c.task.response_len} must be >= 1.')
-  _require(c.model.rope_scaling in ROPE_SCALINGS,
-           f'model.rope_scaling={c.model.rope_scaling!r} is unknown; allowed: {list(ROPE_SCALINGS)}.')
-  _require(c.oracle.reward in ORACLE_REWARDS,
-           f'oracle.reward={c.oracle.reward!r} is unknown; allowed: {list(ORACLE_REWARDS)}.')
-  if c.task.name == 'synthetic':
-    _require(c.task.vocab_size >= 4, f'task.vocab_size={c.task.vocab_size} must be >= 4 '
-             '(PAD, BOS, EOS and at least one content token).')
-    _require(c.model.vocab_size == c.task.vocab_size,
-             f'model.vocab_size={c.model.vocab_size} must equal task.vocab_size={c.task.vocab_size}.')
-    _require(c.oracle.reward in ('task', 'human'), f"oracle.reward={c.oracle.reward!r}: the synthetic "
-             "task's oracle is its hidden reward; use oracle.reward='task', or 'human' for people "
-             '(reward models and judges read text).')
-    _require(not c.model.checkpoint, f'model.checkpoint={c.model.checkpoint!r}: the synthetic task '
-             "trains its own reference; pretrained checkpoints need task.name='chat'.")
-  else:  # chat
-    _require(bool(c.model.checkpoint), "task.name='chat' needs model.checkpoint: a Hugging Face "
-             'checkpoint directory, a .gguf file or package:<package>/<file>.')
-    _require(c.task.dataset in CHAT_DATASETS,
-             f'task.dataset={c.task.dataset!r} is unknown; allowed: {list(CHAT_DATASETS)}.')
-    _require(bool(c.task.source_dir), f'task.source_dir is empty: name the directory that holds the '
-             f'{c.task.dataset or "prompt"} files.')
-    _require(c.task.overlong_prompts in ('truncate', 'error'),
-             f"task.overlong_prompts={c.task.overlong_prompts!r}; allowed: 'truncate', 'error'.")
-    _require(c.oracle.reward != 'human', "oracle.reward='human' is not available for task.name='chat' yet: "
-             "its evaluation scores responses with the oracle, so it needs 'reward_model' or 'judge'.")
-    _require(c.oracle.reward in ('reward_model', 'judge'),
-             f"oracle.reward={c.oracle.reward!r}: a chat task needs 'reward_model' or 'judge' "
-             '(with oracle.checkpoint).')
-    _require(bool(c.oracle.checkpoint), f'oracle.reward={c.oracle.reward!r} needs oracle.checkpoint.')
-    _require(c.oracle.max_len >= 2, f'oracle.max_len={c.oracle.max_len} must be >= 2.')
-    _require(c.oracle.overlong in ('truncate', 'error'),
-             f"oracle.overlong={c.oracle.overlong!r}; allowed: 'truncate', 'error'.")
+  require(first == '' or first in SAMPLERS, f'iterative.first_iteration_sampler={first!r} is unknown; '
+          f"allowed: '' (use sampler.name) or one of {sorted(SAMPLERS)}.")
+  require(c.oracle.label_rule in LABEL_RULES,
+          f'oracle.label_rule={c.oracle.label_rule!r} is unknown; allowed: {sorted(LABEL_RULES)}.')
+  require(c.sampler.best_of_n >= 2, f'sampler.best_of_n={c.sampler.best_of_n} must be >= 2.')
+  require(0.0 <= c.sampler.vanilla_fraction <= 1.0,
+          f'sampler.vanilla_fraction={c.sampler.vanilla_fraction} must lie in [0, 1].')
+  require(c.sampler.temperature > 0, f'sampler.temperature={c.sampler.temperature} must be > 0.')
+  require(c.sampler.top_k >= 0, f'sampler.top_k={c.sampler.top_k} must be >= 0 (0 = off).')
+  require(0.0 < c.sampler.top_p <= 1.0, f'sampler.top_p={c.sampler.top_p} must lie in (0, 1].')
+  require(c.task.prompt_len >= 2, f'task.prompt_len={c.task.prompt_len} must be >= 2 (BOS + a token).')
+  require(c.task.response_len >= 1, f'task.response_len={c.task.response_len} must be >= 1.')
+  require(c.model.rope_scaling in ROPE_SCALINGS,
+          f'model.rope_scaling={c.model.rope_scaling!r} is unknown; allowed: {list(ROPE_SCALINGS)}.')
+  require(c.oracle.reward in ORACLE_REWARDS,
+          f'oracle.reward={c.oracle.reward!r} is unknown; allowed: {list(ORACLE_REWARDS)}.')
+  TASK_CHECKS[c.task.name](c)  # The task's own section (tasks/synthetic.py, tasks/chat_config.py).
   for name in ('dpo.batch_size', 'sft.batch_size', 'sft.steps', 'eval.batch_size', 'eval.num_prompts',
                'eval.every_steps', 'online.steps', 'iterative.iterations',
                'iterative.prompts_per_iteration', 'iterative.epochs', 'checkpoint.every_steps',
                'checkpoint.max_to_keep'):
     section, field = name.split('.')
     value = c[section][field]
-    _require(isinstance(value, int) and value >= 1, f'{name}={value!r} must be an integer >= 1.')
-  _require(c.eval.num_prompts % c.eval.batch_size == 0,
-           f'eval.num_prompts={c.eval.num_prompts} must be divisible by eval.batch_size='
-           f'{c.eval.batch_size}.')
-  _require(c.iterative.prompts_per_iteration % c.dpo.batch_size == 0,
-           f'iterative.prompts_per_iteration={c.iterative.prompts_per_iteration} must be divisible by '
-           f'dpo.batch_size={c.dpo.batch_size}.')
-  _require(c.dpo.learning_rate > 0, f'dpo.learning_rate={c.dpo.learning_rate} must be > 0.')
+    require(isinstance(value, int) and value >= 1, f'{name}={value!r} must be an integer >= 1.')
+  require(c.eval.num_prompts % c.eval.batch_size == 0,
+          f'eval.num_prompts={c.eval.num_prompts} must be divisible by eval.batch_size='
+          f'{c.eval.batch_size}.')
+  require(c.iterative.prompts_per_iteration % c.dpo.batch_size == 0,
+          f'iterative.prompts_per_iteration={c.iterative.prompts_per_iteration} must be divisible by '
+          f'dpo.batch_size={c.dpo.batch_size}.')
+  require(c.dpo.learning_rate > 0, f'dpo.learning_rate={c.dpo.learning_rate} must be > 0.')
   _validate_labelling(c)
   store = c.labelling.store_path
-  _require(isinstance(store, str) and '://' not in store,
-           f'labelling.store_path={store!r} must be a local file path (SQLite needs a POSIX file; a copy '
-           "goes to the workdir at every checkpoint), or '' for the default.")
-  _require(not store or not store.endswith(('/', '\\')),
-           f'labelling.store_path={store!r} names a directory; name the file, e.g. {store}labels.sqlite.')
+  require(isinstance(store, str) and '://' not in store,
+          f'labelling.store_path={store!r} must be a local file path (SQLite needs a POSIX file; a copy '
+          "goes to the workdir at every checkpoint), or '' for the default.")
+  require(not store or not store.endswith(('/', '\\')),
+          f'labelling.store_path={store!r} names a directory; name the file, e.g. {store}labels.sqlite.')
 
 
 def _validate_labelling(c: ml_collections.ConfigDict) -> None:
   lab = c.labelling
-  _require(isinstance(lab.max_staleness, int) and lab.max_staleness >= 0,
-           f'labelling.max_staleness={lab.max_staleness!r} must be an integer >= 0 (0 = synchronous).')
-  _require(lab.max_staleness == 0 or c.loop == 'online',
-           f'labelling.max_staleness={lab.max_staleness} applies to the online loop; iterative DPO labels a '
-           'whole iteration before training on it (use 0).')
-  _require(isinstance(lab.answers_per_query, int) and lab.answers_per_query >= 1,
-           f'labelling.answers_per_query={lab.answers_per_query!r} must be an integer >= 1.')
-  _require(lab.answers_per_query == 1 or c.oracle.reward == 'human',
-           f'labelling.answers_per_query={lab.answers_per_query}: a function oracle '
-           f'(oracle.reward={c.oracle.reward!r}) answers each query once; k > 1 needs '
-           "oracle.reward='human'.")
-  _require(isinstance(lab.allow_ties, bool), f'labelling.allow_ties={lab.allow_ties!r} must be True or False.')
-  _require(lab.worker in LABELLING_WORKERS,
-           f'labelling.worker={lab.worker!r} is unknown; allowed: {list(LABELLING_WORKERS)}.')
-  _require(isinstance(lab.poll_seconds, (int, float)) and lab.poll_seconds > 0,
-           f'labelling.poll_seconds={lab.poll_seconds!r} must be > 0.')
+  require(isinstance(lab.max_staleness, int) and lab.max_staleness >= 0,
+          f'labelling.max_staleness={lab.max_staleness!r} must be an integer >= 0 (0 = synchronous).')
+  require(lab.max_staleness == 0 or c.loop == 'online',
+          f'labelling.max_staleness={lab.max_staleness} applies to the online loop; iterative DPO labels a '
+          'whole iteration before training on it (use 0).')
+  require(isinstance(lab.answers_per_query, int) and lab.answers_per_query >= 1,
+          f'labelling.answers_per_query={lab.answers_per_query!r} must be an integer >= 1.')
+  require(lab.answers_per_query == 1 or c.oracle.reward == 'human',
+          f'labelling.answers_per_query={lab.answers_per_query}: a function oracle '
+          f'(oracle.reward={c.oracle.reward!r}) answers each query once; k > 1 needs '
+          "oracle.reward='human'.")
+  require(isinstance(lab.allow_ties, bool), f'labelling.allow_ties={lab.allow_ties!r} must be True or False.')
+  require(lab.worker in LABELLING_WORKERS,
+          f'labelling.worker={lab.worker!r} is unknown; allowed: {list(LABELLING_WORKERS)}.')
+  require(isinstance(lab.poll_seconds, (int, float)) and lab.poll_seconds > 0,
+          f'labelling.poll_seconds={lab.poll_seconds!r} must be > 0.')
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The fields that determine what a run computes, flattened to 'a.b' keys."""
+  """The fields that determine what a run computes, flattened to 'a.b' keys. Renamed fields keep
+  their former names here (config_aliases.STABLE_NAMES): workdirs and label stores written before
+  a rename still match."""
   flat: dict[str, Any] = {}
 
   def walk(prefix, node):
@@ -136,9 +107,9 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
       if isinstance(value, (dict, ml_collections.ConfigDict)):
         walk(name + '.', value)
       else:
-        flat[name] = value
+        flat[config_aliases.STABLE_NAMES.get(name, name)] = value
 
-  walk('', config.to_dict())
+  walk('', config_aliases.resolve(config).to_dict())
   return {k: v for k, v in flat.items()
           if k.split('.')[0] not in EXECUTION_FIELDS and k not in EXECUTION_FIELD_NAMES}
 
@@ -156,7 +127,8 @@ def differing_fields(saved: dict, current: dict) -> list[str]:
   def grew(k):
     a, b = saved.get(k), current.get(k)
     return k in GROWABLE_FIELDS and isinstance(a, int) and isinstance(b, int) and b >= a
-  return [f'{k}: {saved.get(k, "<absent>")!r} -> {current.get(k, "<absent>")!r}'
+  return [f'{config_aliases.RENAMED.get(k, k)}: {saved.get(k, "<absent>")!r} -> '
+          f'{current.get(k, "<absent>")!r}'
           + (' (may only grow)' if k in GROWABLE_FIELDS else '')
           for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and not grew(k)]
 

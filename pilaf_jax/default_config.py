@@ -13,27 +13,31 @@ def get_config() -> ml_collections.ConfigDict:
   c.loop = 'online'  # 'online' (sample, label, update every step) or 'iterative'.
   c.beta = 0.1  # One beta for DPO, for the PILAF sampler and for J = reward - beta * KL.
 
-  # The task: prompts, token conventions, where the reference comes from, the oracle's reward.
-  # 'synthetic' is a hidden world (the fields up to reward_scale); 'chat' is real text (the fields
-  # after it, with model.checkpoint and oracle.reward; see configs/smollm2_demo.py).
+  # The task: prompts, token conventions, where the reference comes from, the oracle's reward. The
+  # fields of the task named by task.name are in its own subsection; each task checks its own.
   c.task = ml_collections.ConfigDict(dict(
-      name='synthetic',  # synthetic | chat
-      world_seed=1234,  # The world (topics, styles, utilities) is fixed by this, not by c.seed.
-      vocab_size=64,  # PAD=0, BOS=1, EOS=2, content tokens 3..vocab_size-1.
+      name='synthetic',  # synthetic (a hidden world; task.synthetic) | chat (real text; task.chat)
+      vocab_size=64,  # Token ids of the task; synthetic: PAD=0, BOS=1, EOS=2, content 3..vocab_size-1.
       prompt_len=8,  # Prompt tokens, left-padded (chat: the rendered conversation's budget).
       response_len=16,  # Most tokens a response may have, EOS included.
-      num_topics=8,  # Hidden topics a synthetic prompt is drawn from.
-      num_styles=4,  # Hidden behaviour styles of varying quality that the SFT reference imitates.
-      copy_prob=0.2,  # Behaviour: probability of copying a prompt token.
-      reward_scale=4.0,  # r* = reward_scale * mean hidden utility of the response's content tokens.
-      # chat: prompts from a dataset, rendered with the tokenizer's chat template.
-      dataset='',  # hh_rlhf (TFDS, built from the jsonl.gz files) | jsonl (one conversation per line)
-      source_dir='',  # hh_rlhf: <dir>/<subset>/{train,test}.jsonl.gz; jsonl: <dir>/{train,test}.jsonl[.gz]
-      data_dir='',  # hh_rlhf: where the TFDS build is written and read ('' = <source_dir>/tfds).
-      subset='all',  # hh_rlhf: harmless-base | helpful-base | helpful-online | helpful-rejection-sampled | all | flat
-      tokenizer='',  # A tokenizer directory or .gguf file; '' = model.checkpoint's.
-      chat_template='',  # Overrides the tokenizer's chat template (a Jinja string).
-      overlong_prompts='truncate',  # truncate (keep the end of the conversation) | error
+      synthetic=ml_collections.ConfigDict(dict(
+          world_seed=1234,  # The world (topics, styles, utilities) is fixed by this, not by c.seed.
+          num_topics=8,  # Hidden topics a synthetic prompt is drawn from.
+          num_styles=4,  # Hidden behaviour styles of varying quality that the SFT reference imitates.
+          copy_prob=0.2,  # Behaviour: probability of copying a prompt token.
+          reward_scale=4.0,  # r* = reward_scale * mean hidden utility of the response's content tokens.
+      )),
+      # Prompts from a dataset, rendered with the tokenizer's chat template (with model.checkpoint and
+      # oracle.reward; see configs/smollm2_demo.py).
+      chat=ml_collections.ConfigDict(dict(
+          dataset='',  # hh_rlhf (TFDS, built from the jsonl.gz files) | jsonl (one conversation per line)
+          source_dir='',  # hh_rlhf: <dir>/<subset>/{train,test}.jsonl.gz; jsonl: <dir>/{train,test}.jsonl[.gz]
+          data_dir='',  # hh_rlhf: where the TFDS build is written and read ('' = <source_dir>/tfds).
+          subset='all',  # hh_rlhf: harmless-base | helpful-base | helpful-online | helpful-rejection-sampled | all | flat
+          tokenizer='',  # A tokenizer directory or .gguf file; '' = model.checkpoint's.
+          chat_template='',  # Overrides the tokenizer's chat template (a Jinja string).
+          overlong_prompts='truncate',  # truncate (keep the end of the conversation) | error
+      )),
   ))
 
   # The policy's architecture (read from model.checkpoint when one is set) and how it runs.
@@ -88,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.oracle = ml_collections.ConfigDict(dict(
-      name='bradley_terry',  # bradley_terry (sampled labels) | deterministic (higher reward wins)
+      label_rule='bradley_terry',  # Rewards -> label: bradley_terry (sampled) | deterministic (higher wins)
       # Where r*(x, y) comes from: 'task' (the synthetic world's hidden reward), 'reward_model' (a
       # sequence-classification checkpoint) or 'judge' (a chat model asked whether a response is good:
       # reward = logit(Yes) - logit(No)). The last two read text, with their own tokenizer. 'human':

@@ -10,3 +10,9 @@ class ConfigError(ValueError):
 def one_line(error: BaseException) -> str:
   """A library's (possibly multi-line) error message as one line."""
   return ' '.join(str(error).split())
+
+
+def require(ok: bool, message: str) -> None:
+  """Raises ConfigError(message) unless ok (message: the field, its value, what is allowed)."""
+  if not ok:
+    raise ConfigError(message)

@@ -199,7 +199,7 @@ def run(config, workdir: str) -> int:
     return 2
 
   try:
-    _print(f'pilaf_jax: {config.loop} DPO, sampler={config.sampler.name}, oracle={config.oracle.name}, '
+    _print(f'pilaf_jax: {config.loop} DPO, sampler={config.sampler.name}, oracle={config.oracle.label_rule}, '
            f'beta={config.beta}, seed={config.seed}, workdir={workdir}')
     try:
       if config.loop == 'online':
@@ -304,10 +304,24 @@ def _parse_flags(argv):
     _exit_after_help(lambda: print(format_config_help()))
   if any(a in _HELP_FLAGS for a in argv[1:]):
     _exit_after_help(lambda: app.usage(shorthelp='--helpfull' not in argv[1:], writeto_stdout=True))
+  from pilaf_jax import config_aliases  # Former field names: renamed here, with a deprecation line.
+  argv = config_aliases.rewrite_overrides(argv)
+  sys.argv[1:] = argv[1:]  # config_flags reads the overrides from sys.argv when the config loads.
   try:
     return flags.FLAGS(argv)
   except _USER_ERRORS as e:
     _exit_bad_command_line(e)
+
+
+def _loaded_config():
+  """The config file with its overrides (they load lazily: forced here), former field names resolved."""
+  from pilaf_jax import config_aliases
+  try:
+    config = _CONFIG.value
+    config.to_dict()
+  except _USER_ERRORS as e:
+    _exit_bad_command_line(e)
+  return config_aliases.resolve(config)
 
 
 def main(argv) -> None:
@@ -316,12 +330,7 @@ def main(argv) -> None:
           '--name=value (e.g. --workdir=runs/x, --config.seed=3; see --help).', file=sys.stderr)
     sys.exit(2)
   if _DRY_RUN.value:
-    try:
-      config = _CONFIG.value
-      config.to_dict()
-    except _USER_ERRORS as e:
-      _exit_bad_command_line(e)
-    sys.exit(dry_run(config, _TOPOLOGY.value))
+    sys.exit(dry_run(_loaded_config(), _TOPOLOGY.value))
   if _TOPOLOGY.value:
     print('error: --topology plans a run; use it with --dry_run.', file=sys.stderr)
     sys.exit(2)
@@ -330,12 +339,7 @@ def main(argv) -> None:
           file=sys.stderr)
     sys.exit(2)
   logging.set_verbosity(logging.WARNING)
-  try:  # The config file and its overrides load lazily: force them here.
-    config = _CONFIG.value
-    config.to_dict()
-  except _USER_ERRORS as e:
-    _exit_bad_command_line(e)
-  sys.exit(run(config, _WORKDIR.value))
+  sys.exit(run(_loaded_config(), _WORKDIR.value))
 
 
 if __name__ == '__main__':

@@ -65,8 +65,8 @@ def world(tmp_path_factory):
 
 def _config(world, **overrides):
   c = default_config.get_config()
-  c.task.update(name='chat', dataset='hh_rlhf', subset='flat', source_dir=world['prompts'], prompt_len=24,
-                response_len=6)
+  c.task.update(name='chat', prompt_len=24, response_len=6)
+  c.task.chat.update(dataset='hh_rlhf', subset='flat', source_dir=world['prompts'])
   c.model.checkpoint = world['policy']
   c.oracle.update(reward='reward_model', checkpoint=world['reward_model'], max_len=40)
   c.dpo.update(batch_size=4, learning_rate=1e-3, warmup_steps=1)
@@ -76,8 +76,11 @@ def _config(world, **overrides):
   c.checkpoint.update(every_steps=3, async_save=False)
   c.runtime.progress_bar = False
   for key, value in overrides.items():
-    section, field = key.split('.')
-    c[section][field] = value
+    *sections, field = key.split('.')
+    section = c
+    for name in sections:
+      section = section[name]
+    section[field] = value
   return c
 
 
@@ -158,12 +161,12 @@ def test_judge_scores_yes_minus_no_logits(world):
                                   'overlong_prompt', 'not_a_reward_model', 'no_checkpoint'])
 def test_bad_input_stops_with_one_line(world, tmp_path, capsys, case):
   overrides, expected = {
-      'no_chat_template': ({'task.tokenizer': make_tiny_chat_tokenizer(tmp_path / 'plain', chat_template=None)},
-                           ['task.tokenizer', 'chat_template']),
-      'no_dataset': ({'task.source_dir': str(tmp_path)}, ['task.source_dir', str(tmp_path)]),
+      'no_chat_template': ({'task.chat.tokenizer': make_tiny_chat_tokenizer(tmp_path / 'plain', chat_template=None)},
+                           ['task.chat.tokenizer', 'chat_template']),
+      'no_dataset': ({'task.chat.source_dir': str(tmp_path)}, ['task.chat.source_dir', str(tmp_path)]),
       'reference_vocab': ({'model.reference_checkpoint': world['other_vocab']}, ['vocab_size']),
       'missing_weights': ({'model.checkpoint': _config_only(world, tmp_path)}, ['safetensors']),
-      'overlong_prompt': ({'task.overlong_prompts': 'error', 'task.prompt_len': 8}, ['task.prompt_len']),
+      'overlong_prompt': ({'task.chat.overlong_prompts': 'error', 'task.prompt_len': 8}, ['task.prompt_len']),
       'not_a_reward_model': ({'oracle.checkpoint': world['policy']}, ['oracle.checkpoint', 'judge']),
       'no_checkpoint': ({'model.checkpoint': ''}, ['model.checkpoint']),
   }[case]

@@ -21,7 +21,7 @@ def _main(*args, workdir):
     (['--config.sampler.name=foo'], "sampler.name='foo' is unknown; allowed: ['best_of_n', 'hybrid', 'pilaf', 't_pilaf', 'vanilla']"),
     (['--config.beta=0'], 'beta=0.0 must be > 0'),
     (['--config.beta=-0.1'], 'beta=-0.1 must be > 0'),
-    (['--config.oracle.name=human'], "oracle.name='human' is unknown; allowed: ['bradley_terry', 'deterministic']"),
+    (['--config.oracle.label_rule=human'], "oracle.label_rule='human' is unknown; allowed: ['bradley_terry', 'deterministic']"),
     (['--config.loop=offline'], "loop='offline' is unknown; allowed: ['online', 'iterative']"),
     (['--config.sampler.best_of_n=1', '--config.sampler.name=best_of_n'], 'sampler.best_of_n=1 must be >= 2'),
     (['--config.eval.batch_size=100'], 'eval.num_prompts=1024 must be divisible by eval.batch_size=100'),

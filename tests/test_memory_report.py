@@ -145,7 +145,7 @@ def test_real_model_configs_pass_validation(name):
   config_validation.validate(config)
   assert config.task.name == 'chat' and config.model.checkpoint and config.oracle.checkpoint
   if name != 'smollm2_demo':
-    assert config.task.dataset == 'hh_rlhf' and config.oracle.reward == 'reward_model'
+    assert config.task.chat.dataset == 'hh_rlhf' and config.oracle.reward == 'reward_model'
     assert config.model.rope_scaling == 'llama3'  # Llama 3.1.
 
 

@@ -12,7 +12,7 @@ from pilaf_jax.tasks.synthetic import topic_posterior
 
 def _world(world_seed: int = 1234):
   cfg = default_config.get_config().task
-  cfg.world_seed = world_seed
+  cfg.synthetic.world_seed = world_seed
   return make_world(SyntheticTaskConfig.from_config(cfg))
 
 

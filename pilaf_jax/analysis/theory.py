@@ -338,7 +338,6 @@ def run_lab(config, workdir: str, *, steps: int, every: int, num_prompts: int, t
   from pilaf_jax.tasks.base import EVAL
   config = config.copy_and_resolve_references()
   config.eval.every_steps = every
-  os.makedirs(workdir, exist_ok=True)
   workdir_config.prepare_workdir(config, workdir)
   exp = experiment.Experiment(config, workdir)
   models, rows = exp.models, []
@@ -368,6 +367,7 @@ def run_lab(config, workdir: str, *, steps: int, every: int, num_prompts: int, t
 def main() -> None:
   from absl import app, flags
   from ml_collections import config_flags
+  from pilaf_jax import config_aliases
   here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   config_flags.DEFINE_config_file('config', os.path.join(here, 'configs', 'enumerable.py'), 'Config file.')
   flags.DEFINE_string('workdir', None, 'Output directory (reference, labels, theory.jsonl, plots).')
@@ -386,11 +386,12 @@ def main() -> None:
     if not f.workdir:
       print('error: --workdir is required.', file=sys.stderr)
       sys.exit(2)
-    config = f.config
+    config = config_aliases.resolve(f.config)
     run_lab(config, f.workdir, steps=f.steps if f.steps is not None else config.online.steps,
             every=f.every, num_prompts=f.num_prompts, train_sampler=f.train_sampler or config.sampler.name,
             samplers=[s for s in f.samplers.split(',') if s], variance=f.variance)
     print(f'Wrote {os.path.join(f.workdir, "theory.md")}, theory.jsonl, theory_cosine.png, theory_J.png')
+  sys.argv[:] = config_aliases.rewrite_overrides(sys.argv)  # config_flags reads sys.argv.
   app.run(run)
 
 

@@ -38,4 +38,4 @@ def deterministic(rewards: jax.Array, rng: jax.Array) -> jax.Array:
 
 def make_label_rule(name: str) -> LabelRule:
   """fn(rewards [B, 2], rng) -> a_preferred [B]; pure, jit it where it is used."""
-  return lookup(LABEL_RULES, name, 'oracle.name')
+  return lookup(LABEL_RULES, name, 'oracle.label_rule')

@@ -2,7 +2,7 @@ r"""Function oracles answer the labelling queue: inline in the loop, or as a pro
 
 A function oracle (the synthetic task's hidden reward, a reward model, an LLM judge) has scored both
 responses by the time the loop enqueues a batch: the rewards travel with the queries. What is left
-is the labelling rule (oracle.name: 'bradley_terry' samples, 'deterministic' picks the higher
+is the labelling rule (oracle.label_rule: 'bradley_terry' samples, 'deterministic' picks the higher
 reward), whose randomness is the run's ORACLE_STREAM keyed by the batch's index, as before the queue
 existed. So a label depends neither on timing nor on which process answered, and the rule always
 runs on the CPU backend (no accelerator rounding can flip a sample). Every answer is committed on its
@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from pilaf_jax import config_aliases
 from pilaf_jax.labelling.queue import AlreadyAnswered, LabelQueue, QueryResolved, QueueError
 from pilaf_jax.streams import ORACLE_STREAM  # Imports nothing: a worker starts without the models.
 
@@ -53,7 +54,7 @@ class FunctionOracle:
     """The run's function oracle, or None when people label (oracle.reward='human')."""
     if config.oracle.reward == 'human':
       return None
-    return cls(config.seed, config.oracle.name, ORACLE_STREAM)
+    return cls(config.seed, config.oracle.label_rule, ORACLE_STREAM)
 
   def labels(self, rewards: np.ndarray, index: int) -> np.ndarray:
     """a_preferred [B] of a batch from its rewards [B, 2] and its index."""
@@ -140,7 +141,7 @@ def _serve(workdir: str, once: bool, poll_seconds: Optional[float], labels_path:
 
   def read_config():
     try:
-      return ml_collections.ConfigDict(json.loads(paths.read_text(config_path))['config'])
+      return config_aliases.resolve(ml_collections.ConfigDict(json.loads(paths.read_text(config_path))['config']))
     except (OSError, ValueError, KeyError):
       return None  # Not written yet (or being replaced): try again.
   config = _wait_for(f'{config_path} (start the run)', read_config, 0.5, should_stop)

@@ -11,10 +11,13 @@ from typing import Callable
 
 import jax
 
+from pilaf_jax import config_aliases
 from pilaf_jax.registry import lookup
 from pilaf_jax.tasks.base import (EVAL, REFERENCE_CHECKPOINT, REFERENCE_SFT, SPLITS, TRAIN, Task)
+from pilaf_jax.tasks.chat_config import check_config as chat_check_config
 from pilaf_jax.tasks.synthetic import (BOS, EOS, PAD, SyntheticTask, SyntheticTaskConfig, SyntheticWorld,
                                        make_world, oracle_reward, sample_behaviour, sample_prompts)
+from pilaf_jax.tasks.synthetic import check_config as synthetic_check_config
 
 
 def _synthetic(config, run_key: jax.Array, placement, workdir: str) -> Task:
@@ -28,6 +31,8 @@ def _chat(config, run_key: jax.Array, placement, workdir: str) -> Task:
 
 
 TASKS: dict[str, Callable[..., Task]] = {'synthetic': _synthetic, 'chat': _chat}
+# Each task checks its own section (task.<name>) and what it implies for the rest of the config.
+TASK_CHECKS: dict[str, Callable] = {'synthetic': synthetic_check_config, 'chat': chat_check_config}
 
 
 def make_task(config, run_key: jax.Array, placement=None, workdir: str = '') -> Task:
@@ -36,4 +41,5 @@ def make_task(config, run_key: jax.Array, placement=None, workdir: str = '') -> 
   placement: the run's mesh placement (for oracles that run a model); workdir: where a task may
   keep what it prepares once (a dataset build).
   """
+  config = config_aliases.resolve(config)  # Former field names (a config built in Python).
   return lookup(TASKS, config.task.name, 'task.name')(config, run_key, placement, workdir)

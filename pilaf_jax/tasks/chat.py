@@ -73,7 +73,7 @@ class ChatTask:
       source = self._source(split)
       try:
         tokens, mask = self.tokenizer.encode_prompts([source.messages(i) for i in missing], self.prompt_len)
-      except ValueError as e:  # An overlong prompt under task.overlong_prompts='error'.
+      except ValueError as e:  # An overlong prompt under task.chat.overlong_prompts='error'.
         raise ConfigError(f'{split} split: {one_line(e)}') from None
       for j, i in enumerate(missing):
         self._encoded[split, i] = tokens[j], mask[j]
@@ -100,7 +100,7 @@ def _prompt_sources(task_cfg, workdir: str) -> dict[str, PromptSource]:
     from pilaf_jax.data.prompts import HHRLHFPrompts
     # The TFDS build (array_record) is written once and reused by every later run. By default it is a
     # local cache: in a local workdir, or in this machine's directory for a gs:// workdir (a new machine
-    # builds it again from task.source_dir).
+    # builds it again from task.chat.source_dir).
     from pilaf_jax import paths
     data_dir = (resolve_path(task_cfg.data_dir) if task_cfg.data_dir
                 else os.path.join(paths.local_dir(workdir), 'tfds'))
@@ -112,8 +112,8 @@ def _prompt_sources(task_cfg, workdir: str) -> dict[str, PromptSource]:
     candidates = [os.path.join(source_dir, name + ext) for ext in ('.jsonl', '.jsonl.gz')]
     found = [p for p in candidates if os.path.exists(p)]
     if not found:
-      raise ConfigError(f'task.source_dir={task_cfg.source_dir!r} holds no {name}.jsonl or {name}.jsonl.gz '
-                        "(task.dataset='jsonl' reads one conversation per line from each).")
+      raise ConfigError(f'task.chat.source_dir={task_cfg.source_dir!r} holds no {name}.jsonl or {name}.jsonl.gz '
+                        "(task.chat.dataset='jsonl' reads one conversation per line from each).")
     sources[split] = JsonlPrompts(found[0])
   return sources
 
@@ -128,21 +128,21 @@ def build_chat_task(config, run_key, placement, workdir: str) -> ChatTask:
   from pilaf_jax.model.checkpoints import read_checkpoint_config, resolve_path
   c = config
   _, info = read_checkpoint_config(c.model.checkpoint)
-  tokenizer_field = 'task.tokenizer' if c.task.tokenizer else 'model.checkpoint'
+  tokenizer_field = 'task.chat.tokenizer' if c.task.chat.tokenizer else 'model.checkpoint'
   try:
-    tokenizer = ChatTokenizer(resolve_path(c.task.tokenizer or c.model.checkpoint),
-                              chat_template=c.task.chat_template or None, overlong=c.task.overlong_prompts,
+    tokenizer = ChatTokenizer(resolve_path(c.task.chat.tokenizer or c.model.checkpoint),
+                              chat_template=c.task.chat.chat_template or None, overlong=c.task.chat.overlong_prompts,
                               extra_eos_ids=info.eos_token_ids)
   except (ValueError, OSError) as e:
     raise ConfigError(f'{tokenizer_field}: {one_line(e)}') from None
   if tokenizer.vocab_size > c.model.vocab_size:
     raise ConfigError(f'The tokenizer has {tokenizer.vocab_size} tokens but the model only '
                       f'{c.model.vocab_size} embeddings (model.checkpoint={c.model.checkpoint!r}, '
-                      f'task.tokenizer={c.task.tokenizer!r}): they do not belong together.')
+                      f'task.chat.tokenizer={c.task.chat.tokenizer!r}): they do not belong together.')
   try:
-    sources = _prompt_sources(c.task, workdir)
+    sources = _prompt_sources(c.task.chat, workdir)
   except (ValueError, OSError) as e:
-    raise ConfigError(f'task.source_dir={c.task.source_dir!r} (task.dataset={c.task.dataset!r}): '
+    raise ConfigError(f'task.chat.source_dir={c.task.chat.source_dir!r} (task.chat.dataset={c.task.chat.dataset!r}): '
                       f'{one_line(e)}') from None
   if c.eval.num_prompts > len(sources[EVAL]):
     raise ConfigError(f'eval.num_prompts={c.eval.num_prompts} exceeds the {len(sources[EVAL])} prompts of '

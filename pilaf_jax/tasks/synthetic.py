@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pilaf_jax.batches import PromptBatch
+from pilaf_jax.errors import require
 from pilaf_jax.tasks.base import EVAL, REFERENCE_SFT, SPLITS, TRAIN
 
 PAD, BOS, EOS = 0, 1, 2
@@ -41,9 +42,27 @@ class SyntheticTaskConfig:
   reward_scale: float
 
   @classmethod
-  def from_config(cls, cfg) -> 'SyntheticTaskConfig':
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(cfg).items() if k in fields})
+  def from_config(cls, task_cfg) -> 'SyntheticTaskConfig':
+    """From config.task: its shared fields (vocab_size, prompt_len, response_len) and task.synthetic."""
+    values = {**dict(task_cfg), **dict(task_cfg.synthetic)}
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+
+def check_config(c) -> None:
+  """The synthetic task's part of config validation (task.synthetic and what it implies)."""
+  s = c.task.synthetic
+  require(c.task.vocab_size >= 4, f'task.vocab_size={c.task.vocab_size} must be >= 4 '
+          '(PAD, BOS, EOS and at least one content token).')
+  require(c.model.vocab_size == c.task.vocab_size,
+          f'model.vocab_size={c.model.vocab_size} must equal task.vocab_size={c.task.vocab_size}.')
+  require(c.oracle.reward in ('task', 'human'), f"oracle.reward={c.oracle.reward!r}: the synthetic "
+          "task's oracle is its hidden reward; use oracle.reward='task', or 'human' for people "
+          '(reward models and judges read text).')
+  require(not c.model.checkpoint, f'model.checkpoint={c.model.checkpoint!r}: the synthetic task '
+          "trains its own reference; pretrained checkpoints need task.name='chat'.")
+  for name in ('num_topics', 'num_styles'):
+    require(isinstance(s[name], int) and s[name] >= 1, f'task.synthetic.{name}={s[name]!r} must be an integer >= 1.')
+  require(0.0 <= s.copy_prob <= 1.0, f'task.synthetic.copy_prob={s.copy_prob} must lie in [0, 1].')
 
 
 @flax.struct.dataclass

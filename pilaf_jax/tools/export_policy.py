@@ -19,7 +19,7 @@ from absl import app, flags
 
 def export_policy(workdir: str, out: str, step: int = -1, dtype: str = '') -> int:
   """Exports; returns the step written. Raises ValueError with a one-line message on bad input."""
-  from pilaf_jax import paths
+  from pilaf_jax import config_aliases, paths
   if paths.is_remote(out):
     with tempfile.TemporaryDirectory(prefix='export_policy_') as local:
       step = export_policy(workdir, local, step, dtype)
@@ -34,7 +34,7 @@ def export_policy(workdir: str, out: str, step: int = -1, dtype: str = '') -> in
   path = paths.join(workdir, 'config.json')
   if not paths.exists(path):
     raise ValueError(f'{path} does not exist; pass --workdir=<a run directory>.')
-  config = ml_collections.ConfigDict(json.loads(paths.read_text(path))['config'])
+  config = config_aliases.resolve(ml_collections.ConfigDict(json.loads(paths.read_text(path))['config']))
   manager = ocp.CheckpointManager(paths.as_path(paths.join(workdir, 'checkpoints')),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(manager.all_steps())
@@ -54,7 +54,7 @@ def export_policy(workdir: str, out: str, step: int = -1, dtype: str = '') -> in
   save_hf_checkpoint(out, cfg, params, info=info, tokenizer_dir=tokenizer_dir, dtype=dtype or None)
   if config.model.checkpoint and tokenizer_dir is None:  # A .gguf: rebuild its tokenizer files.
     from pilaf_jax.data.tokenization import load_tokenizer
-    load_tokenizer(resolve_path(config.task.tokenizer or config.model.checkpoint)).save_pretrained(out)
+    load_tokenizer(resolve_path(config.task.chat.tokenizer or config.model.checkpoint)).save_pretrained(out)
   return step
 
 
