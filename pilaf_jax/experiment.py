@@ -11,7 +11,7 @@ import ml_collections
 
 from pilaf_jax.batches import PreferenceBatch
 from pilaf_jax.learning.train_state import TrainState
-from pilaf_jax.loops.timing import PhaseTimer
+from pilaf_jax.parts.timing import PhaseTimer
 from pilaf_jax.parts.labelling_pipeline import LabellingPipeline
 from pilaf_jax.parts.models import Models, model_config  # noqa: F401  (model_config: tools/aot.py)
 from pilaf_jax.parts.run_files import RunFiles

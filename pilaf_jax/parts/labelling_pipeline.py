@@ -19,7 +19,7 @@ from pilaf_jax.labelling.label_store import LabelStore, empty_preference_batch
 from pilaf_jax.labelling.queue import LabelQueue, QueueSettingsMismatch, describe_waiting
 from pilaf_jax.labelling.store_sync import StoreCopy
 from pilaf_jax.labelling.worker import FunctionOracle
-from pilaf_jax.loops.timing import PhaseTimer
+from pilaf_jax.parts.timing import PhaseTimer
 from pilaf_jax.parallel.multihost import is_main_process
 from pilaf_jax.parallel.placement import Placement, broadcast_from_main, to_host
 from pilaf_jax.tasks.base import pair_queries

@@ -124,7 +124,7 @@ class Models:
     return np.stack([self.task.rewards(TRAIN, pairs.prompts, responses[:, i], mask[:, i]) for i in (0, 1)], 1)
 
   def train(self, state: TrainState, batch: PreferenceBatch) -> tuple[TrainState, dict]:
-    """One DPO step, waited for (see loops/timing.py)."""
+    """One DPO step, waited for (see parts/timing.py)."""
     return jax.block_until_ready(self.train_step(state, batch))
 
   def reference_params(self, log: Callable[[str], None] = print) -> dict:
