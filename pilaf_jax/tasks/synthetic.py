@@ -78,10 +78,6 @@ class SyntheticWorld:
     """[V] bool: content tokens and EOS (never PAD or BOS)."""
     return jnp.arange(self.cfg.vocab_size) >= EOS
 
-  @property
-  def num_content_tokens(self) -> int:
-    return self.cfg.vocab_size - FIRST_CONTENT
-
 
 def make_world(cfg: SyntheticTaskConfig) -> SyntheticWorld:
   """Draws the hidden tables from cfg.world_seed (numpy, so the world never depends on jax's PRNG)."""
