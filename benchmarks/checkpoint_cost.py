@@ -2,9 +2,9 @@ r"""What one checkpoint save adds to a DPO step, on the default model (CPU).
 
   python benchmarks/checkpoint_cost.py [--steps=20] [--rounds=3] [--config=configs/<x>.py]
 
-Times the loop's own pieces: Experiment.train_step on one labelled batch (from
+Times the loop's own pieces: Experiment.models.train_step on one labelled batch (from
 Experiment.labelled_batch, default sampler and batch size), with no checkpoint, and with a checkpoint
-of the whole run state (Experiment.init_run_state: params, AdamW moments, counters) saved after every
+of the whole run state (Experiment.models.init_run_state: params, AdamW moments, counters) saved after every
 step through Experiment's Checkpointer settings (max_to_keep, so old checkpoints are deleted as in a
 run), asynchronously and synchronously. Each step waits for its result (jax.block_until_ready), as
 the online loop does when the next step samples from the new params; the pending async save is

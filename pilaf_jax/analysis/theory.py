@@ -331,7 +331,7 @@ def run_lab(config, workdir: str, *, steps: int, every: int, num_prompts: int, t
             samplers: Sequence[str], variance: bool = True, log=print) -> list[dict]:
   """Online DPO with train_sampler (the training loop of loops/loop.py, evaluating every `every`
   steps), measuring every sampler exactly at each evaluation point."""
-  from pilaf_jax import experiment, workdir_config
+  from pilaf_jax import experiment, paths, workdir_config
   from pilaf_jax.loops.loop import run_loop
   from pilaf_jax.loops.online import OnlineSchedule
   from pilaf_jax.analysis.theory_outputs import write_outputs
@@ -340,7 +340,9 @@ def run_lab(config, workdir: str, *, steps: int, every: int, num_prompts: int, t
   config.eval.every_steps = every
   workdir_config.prepare_workdir(config, workdir)
   exp = experiment.Experiment(config, workdir)
-  models, rows = exp.models, []
+  path = os.path.join(workdir, 'theory.jsonl')
+  rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []  # Kept on resume.
+  models = exp.models
   try:
     prompts = jax.tree.map(np.asarray, models.task.prompts(EVAL, 0, num_prompts))
     lab = ExactLab.build(models.sampler_ctx, PromptBatch(jnp.asarray(prompts.tokens), jnp.asarray(prompts.mask),
@@ -348,16 +350,15 @@ def run_lab(config, workdir: str, *, steps: int, every: int, num_prompts: int, t
                          lambda p, y, m: models.task.rewards(EVAL, p, y, m))
     log(f'Theory lab: {num_prompts} held-out prompts x {lab.tokens.shape[0]} responses; training with '
         f'{train_sampler} for {steps} steps, measuring {", ".join(samplers)} every {every} steps.')
-    with open(os.path.join(workdir, 'theory.jsonl'), 'w') as f:
-      def measure(t: int, run, ref) -> None:
-        start = time.time()
-        row = {'step': t, 'labels_used': int(run.labels_used), **lab.measure(run.train.params, ref, samplers, variance)}
-        rows.append(row)
-        f.write(json.dumps(row) + '\n')
-        f.flush()
-        log(f'step {t:4d}: J {row["J"]:.3f} (J* {row["J_star"]:.3f})  cosine with grad J: ' + '  '.join(
-            f'{s} {row["samplers"][s]["cosine"]:+.3f}' for s in samplers) + f'  ({time.time() - start:.1f} s)')
-      run_loop(exp, OnlineSchedule(config, train_sampler, steps, prefix='theory'), log, measure=measure)
+
+    def measure(t: int, run, ref) -> None:  # At every evaluation point of the loop.
+      start = time.time()
+      row = {'step': t, 'labels_used': int(run.labels_used), **lab.measure(run.train.params, ref, samplers, variance)}
+      rows[:] = [r for r in rows if r['step'] < t] + [row]  # A resumed lab measures again from t.
+      paths.write_text_atomic(path, ''.join(json.dumps(r) + '\n' for r in rows))
+      log(f'step {t:4d}: J {row["J"]:.3f} (J* {row["J_star"]:.3f})  cosine with grad J: ' + '  '.join(
+          f'{s} {row["samplers"][s]["cosine"]:+.3f}' for s in samplers) + f'  ({time.time() - start:.1f} s)')
+    run_loop(exp, OnlineSchedule(config, train_sampler, steps, prefix='theory'), log, measure=measure)
   finally:
     exp.close()
   write_outputs(rows, samplers, workdir, train_sampler)  # theory.md and the plots.
@@ -378,8 +379,7 @@ def main() -> None:
   flags.DEFINE_string('samplers', ','.join(LAB_SAMPLERS), 'Samplers to measure.')
   flags.DEFINE_bool('variance', True, 'Also compute the per-label gradient variance (Gram matrices).')
 
-  def run(argv):
-    del argv
+  def run(_argv):
     from absl import logging
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
