@@ -1,4 +1,4 @@
-"""One registry helper for the named choices of a config (samplers, labelling rules, tasks)."""
+"""The registries of named choices in a config (samplers, labelling rules, tasks): one way to fill and read them."""
 from __future__ import annotations
 
 from typing import Callable, TypeVar
