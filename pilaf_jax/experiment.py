@@ -23,7 +23,7 @@ from pilaf_jax import checkpointing, config_validation, paths
 from pilaf_jax.batches import PairBatch, PreferenceBatch, PromptBatch
 from pilaf_jax.config_validation import ConfigError
 from pilaf_jax.evaluation import Evaluator
-from pilaf_jax.labelling.label_store import LabelStore, empty_preference_batch
+from pilaf_jax.labelling.label_store import BatchStatus, LabelStore, empty_preference_batch
 from pilaf_jax.labelling.queue import LabelQueue, QueueSettingsMismatch, describe_waiting
 from pilaf_jax.labelling.worker import FunctionOracle
 from pilaf_jax.labelling.store_sync import StoreCopy
@@ -353,17 +353,17 @@ class Experiment:
     the queue (every labelling.poll_seconds) for the worker's or people's answers, printing progress
     at most every PROGRESS_SECONDS. Other processes of a multi-host run wait in the broadcast.
     """
-    code, labels = 0, None  # 0: stopped; 1: labelled before this call; 2: resolved now.
+    code, labels = BatchStatus.STOPPED, None
     if self.store is not None:
       if self.store.status(batch_key) == 'labelled':
-        code = 1
+        code = BatchStatus.LABELLED_BEFORE
       else:
         with self.phases.phase('label'):
           labels = self._wait_for_labels(batch_key, should_stop, log)
           if labels is not None:
             self.store.commit_resolved(batch_key, labels)
-            code = 2
-    code = int(broadcast_from_main(np.int32(code)))
+            code = BatchStatus.RESOLVED_NOW
+    code = BatchStatus(int(broadcast_from_main(np.int32(code))))
     if code == 0:
       return None
     fresh = self._fresh.pop(batch_key, None)

@@ -16,6 +16,7 @@ before the oracle was called); it is still counted, and no longer written.
 """
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sqlite3
@@ -82,6 +83,13 @@ def _reward(x) -> Optional[float]:
   """A reward for SQLite: NaN (no function oracle) is stored as NULL."""
   x = float(x)
   return None if np.isnan(x) else x
+
+
+class BatchStatus(enum.IntEnum):
+  """What waiting for a batch's labels came to (the values travel between processes as int32)."""
+  STOPPED = 0  # should_stop() turned true while waiting: no batch.
+  LABELLED_BEFORE = 1  # The store held the labelled batch already (a resumed run).
+  RESOLVED_NOW = 2  # Its queries were resolved while waiting, and the batch committed now.
 
 
 class LabelStoreMismatch(ValueError):
