@@ -67,6 +67,12 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
   return db
 
 
+def read_only(path: str) -> sqlite3.Connection:
+  """A connection that can only read (copies, exports, audits): it never writes, creates or
+  recovers the file."""
+  return sqlite3.connect(f'file:{urllib.request.pathname2url(os.path.abspath(path))}?mode=ro', uri=True)
+
+
 @contextlib.contextmanager
 def write(db: sqlite3.Connection, fsync: bool = True) -> Iterator[sqlite3.Connection]:
   """One BEGIN IMMEDIATE transaction, committed on exit, rolled back on any error.
