@@ -45,7 +45,7 @@ import numpy as np
 
 from pilaf_jax.labelling import agreement, queue_owner, sqlite_db
 from pilaf_jax.labelling import labellers as accounts
-from pilaf_jax.labelling.labellers import ORACLE_PREFIX, token_hash  # noqa: F401  (part of this module's API)
+from pilaf_jax.labelling.labellers import ORACLE_PREFIX  # noqa: F401  (part of this module's API)
 from pilaf_jax.labelling.queue_errors import (AlreadyAnswered, BadChoice, NotAssigned,  # noqa: F401
                                               QueryResolved, QueueError, QueueSettingsMismatch,
                                               UnknownLabeller, UnknownQuery)

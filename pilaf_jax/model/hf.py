@@ -18,6 +18,10 @@ Scanned layers (model.scan_layers): the decoder layers are one `layers` subtree 
 [num_layers] axis. Checkpoints keep HF's per-layer tensors; loading stacks them (when asked with
 scan_layers=True, or when `shardings` is in the stacked layout) and saving unstacks them, so a file
 written from either layout is the same.
+
+This module loads; beside it: hf_config.py (config.json both ways), hf_names.py (the name mapping
+above and the params' shapes), hf_save.py (writing a checkpoint), layer_placement.py (shardings and
+the stacked layout, shared with gguf.py).
 """
 from __future__ import annotations
 
@@ -31,10 +35,10 @@ import numpy as np
 
 from pilaf_jax.model import layer_placement
 from pilaf_jax.model.checkpoint_info import CheckpointError
-from pilaf_jax.model.hf_config import SUPPORTED_MODEL_TYPES, _read_json, read_hf_config  # noqa: F401
+from pilaf_jax.model.hf_config import read_hf_config, read_json
 from pilaf_jax.model.hf_names import flat as _flat
-from pilaf_jax.model.hf_names import hf_name, hf_param_shapes, unflatten  # noqa: F401
-from pilaf_jax.model.hf_save import save_hf_checkpoint  # noqa: F401
+from pilaf_jax.model.hf_names import hf_name, hf_param_shapes, unflatten
+from pilaf_jax.model.hf_save import save_hf_checkpoint  # noqa: F401  (part of this module's API)
 from pilaf_jax.model.llama import LlamaConfig
 
 # Present in some older checkpoints, recomputed by every implementation.
@@ -46,7 +50,7 @@ def weight_files(root: str) -> dict[str, list[str]]:
   single = os.path.join(root, 'model.safetensors')
   index = os.path.join(root, 'model.safetensors.index.json')
   if os.path.isfile(index):
-    weight_map = _read_json(index, 'the safetensors index').get('weight_map') or {}
+    weight_map = read_json(index, 'the safetensors index').get('weight_map') or {}
     files: dict[str, list[str]] = {}
     for name, file in weight_map.items():
       files.setdefault(os.path.join(root, file), []).append(name)

@@ -17,7 +17,8 @@ _ARCH_PREFIX = {'llama': 'Llama', 'qwen2': 'Qwen2', 'mistral': 'Mistral'}
 _HEADS = ('ForCausalLM', 'ForSequenceClassification')
 
 
-def _read_json(path: str, what: str) -> dict:
+def read_json(path: str, what: str) -> dict:
+  """The JSON in `path`; CheckpointError naming `what` when it is not valid JSON."""
   try:
     with open(path) as f:
       return json.load(f)
@@ -53,7 +54,7 @@ def read_hf_config(path: str) -> tuple[LlamaConfig, CheckpointInfo]:
   if not os.path.isfile(config_path):
     raise CheckpointError(f'{config_path}: missing; expected a Hugging Face config.json '
                           f'(model_type one of {list(SUPPORTED_MODEL_TYPES)}).')
-  c = _read_json(config_path, 'config.json')
+  c = read_json(config_path, 'config.json')
   model_type = c.get('model_type')
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise CheckpointError(f'{config_path}: model_type {model_type!r} is not supported; expected one '
@@ -120,7 +121,7 @@ def read_hf_config(path: str) -> tuple[LlamaConfig, CheckpointInfo]:
     raise CheckpointError(f'{config_path}: {e}') from None
 
   gen_path = os.path.join(root, 'generation_config.json')
-  gen = _read_json(gen_path, 'generation_config.json') if os.path.isfile(gen_path) else {}
+  gen = read_json(gen_path, 'generation_config.json') if os.path.isfile(gen_path) else {}
   num_labels = 0
   if classifier:
     num_labels = int(c.get('num_labels') or len(c.get('id2label') or {}) or 2)
