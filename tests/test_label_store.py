@@ -236,6 +236,17 @@ def test_iter_rows_exports_every_pair(tmp_path):
 
 # --- pending batches (sampled, waiting for the labelling queue) ---
 
+@pytest.fixture
+def store_and_queue(tmp_path):
+  """A label store and the labelling queue in its file; both closed after the test."""
+  from pilaf_jax.labelling.queue import LabelQueue
+  path = str(tmp_path / 'labels.sqlite')
+  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+  yield store, queue
+  queue.close()
+  store.close()
+
+
 def _queries(labelled) -> list[dict]:
   p = labelled.pairs
   return [dict(row=i, prompt_id=int(p.prompts.ids[i]), prompt_text=f'prompt {i}', response_a_text='a',
@@ -243,10 +254,8 @@ def _queries(labelled) -> list[dict]:
           for i in range(p.size)]
 
 
-def test_pending_batch_round_trip_and_commit(tmp_path):
-  from pilaf_jax.labelling.queue import LabelQueue
-  path = str(tmp_path / 'labels.sqlite')
-  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+def test_pending_batch_round_trip_and_commit(store_and_queue):
+  store, queue = store_and_queue
   labelled, rewards = make_batch(0)
   assert store.status('online/000000') == 'absent'
   assert store.put_pending(queue, 'online/000000', 3, 'pilaf', labelled.pairs, rewards, _queries(labelled), 0)
@@ -265,15 +274,12 @@ def test_pending_batch_round_trip_and_commit(tmp_path):
   assert [r['batch_key'] for r in store.iter_rows()] == ['online/000000'] * 5
   with pytest.raises(KeyError):
     store.commit_resolved('online/000001', labelled.a_preferred)
-  queue.close()
-  store.close()
 
 
-def test_pending_batch_and_queries_are_one_transaction(tmp_path):
+def test_pending_batch_and_queries_are_one_transaction(store_and_queue):
   """A failure while writing the arrays leaves no queries behind (and the reverse)."""
-  from pilaf_jax.labelling.queue import LabelQueue, QueueError
-  path = str(tmp_path / 'labels.sqlite')
-  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+  from pilaf_jax.labelling.queue import QueueError
+  store, queue = store_and_queue
   labelled, rewards = make_batch(0)
   bad = labelled.pairs.replace(source=labelled.pairs.source[:2])  # Row 2 has no source: fails mid-write.
   with pytest.raises(IndexError):
@@ -285,22 +291,16 @@ def test_pending_batch_and_queries_are_one_transaction(tmp_path):
     store.put_pending(queue, 'b', 0, 'pilaf', labelled.pairs, rewards, broken)
   assert queue.batch_progress('b') == (0, 0) and store.status('b') == 'absent'
   assert store.put_pending(queue, 'b', 0, 'pilaf', labelled.pairs, rewards, _queries(labelled))
-  queue.close()
-  store.close()
 
 
-def test_missing_rewards_are_nan(tmp_path):
+def test_missing_rewards_are_nan(store_and_queue):
   """Without a function oracle (people label), the rewards are stored as NULL and read as NaN."""
-  from pilaf_jax.labelling.queue import LabelQueue
-  path = str(tmp_path / 'labels.sqlite')
-  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+  store, queue = store_and_queue
   labelled, _ = make_batch(2)
   store.put_pending(queue, 'b', 0, 'pilaf', labelled.pairs, None, _queries(labelled))
   store.commit_resolved('b', labelled.a_preferred)
   assert np.isnan(store.get('b')[1]).all()
   assert all(r['oracle_reward_a'] is None for r in store.iter_rows())
-  queue.close()
-  store.close()
 
 
 _PENDING_CHILD = textwrap.dedent('''
