@@ -77,11 +77,6 @@ def _float32(value) -> float:
   return float(str(np.float32(value)))
 
 
-def gguf_chat_template(path: str) -> Optional[str]:
-  """The Jinja chat template stored in a GGUF file (tokenizer.chat_template), or None."""
-  return _field(_reader(resolve_path(path)), 'tokenizer.chat_template')
-
-
 def gguf_tokenizer(path: str):
   """The file's tokenizer as a transformers tokenizer (offline), chat template included.
 
@@ -163,12 +158,6 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   """
   rest = w.shape[1:]
   return w.reshape(n_heads, -1, 2, *rest).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """llama.cpp's convert-time permutation (the inverse of unpermute_rows)."""
-  rest = w.shape[1:]
-  return w.reshape(n_heads, 2, -1, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
 def _lookup(shardings: Any, path: tuple[str, ...]) -> jax.sharding.Sharding:
