@@ -36,7 +36,7 @@ from typing import Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pilaf_jax.label_server.app import is_swapped, order_key, storage_choice  # noqa: E402
+from pilaf_jax.label_server.secret_files import is_swapped, order_key, storage_choice  # noqa: E402
 from pilaf_jax.labelling.queue import LabelQueue  # noqa: E402
 
 BATCH = 64  # Queries per enqueued batch (as the loop would enqueue them).

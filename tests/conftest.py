@@ -155,6 +155,20 @@ def pytest_unconfigure(config):
     shutil.rmtree(_OWN_COMPILE_CACHE, ignore_errors=True)
 
 
+def stored_query(path: str, query_id: int):
+  """One row of the labelling queue's queries (batch_key, row, created, ...), read on a read-only
+  connection of its own."""
+  import sqlite3
+  import types
+  db = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+  db.row_factory = sqlite3.Row
+  try:
+    return types.SimpleNamespace(**db.execute('SELECT * FROM queue_queries WHERE query_id=?',
+                                              (query_id,)).fetchone())
+  finally:
+    db.close()
+
+
 def queue_tables(path: str) -> tuple:
   """Every row of the labelling queue's tables, read on a read-only connection of its own."""
   import sqlite3

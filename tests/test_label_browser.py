@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import kill_resume as kr  # noqa: E402
+from conftest import stored_query  # noqa: E402
 from benchmarks import label_load  # noqa: E402
 from pilaf_jax.label_server import app as server_app  # noqa: E402
 from pilaf_jax.labelling.queue import LabelQueue, QueueError, tie_coin  # noqa: E402
@@ -226,7 +227,7 @@ def test_sigkill_of_the_server_while_a_person_labels_loses_nothing(browser_facto
   assert kills == 4
   stored = {a['query_id']: a['choice'] for a in queue.answers('alice')}
   assert len(queue.answers('alice')) == len(stored)  # None twice.
-  last_press = {qid: _storage(queue.get_query(qid), choice, left) for qid, choice, left in presses}
+  last_press = {qid: _storage(stored_query(queue.path, qid), choice, left) for qid, choice, left in presses}
   committed = {qid: c for qid, c in last_press.items() if qid in stored}
   assert acknowledged <= set(stored), 'an answer the page acknowledged is not stored'
   assert committed == {qid: stored[qid] for qid in committed}
@@ -270,7 +271,7 @@ def test_long_words_wrap_and_a_failed_answer_is_retried_until_saved(browser_fact
     page.wait(lambda d: page.status() == f'Saved your answer to query {shown["query_id"]}.', 60)
     [stored] = queue.answers('alice')
     assert (stored['query_id'], stored['choice']) == (
-        shown['query_id'], _storage(queue.get_query(shown['query_id']), 'left', shown['left']))
+        shown['query_id'], _storage(stored_query(queue.path, shown['query_id']), 'left', shown['left']))
     # The next pair, answered; then the server goes while the page waits for work, and comes back.
     second = page.shown(after=shown['shown'])
     page.press('right')
@@ -359,7 +360,7 @@ def test_a_person_labels_with_the_keyboard_and_the_loop_trains_on_exactly_those_
     while len(presses) < STEPS * BATCH:
       shown = page.shown(after=last, timeout=300)
       assert shown['query_id'] not in presses, 'a query was shown again after it was answered'
-      query = queue.get_query(shown['query_id'])
+      query = stored_query(queue.path, shown['query_id'])
       assert shown['prompt'] == query.prompt_text and {shown['left'], shown['right']} == {
           query.response_a_text, query.response_b_text}
       if len(presses) == BATCH + 1:  # Mid-way through the second batch: the README's screenshot.
@@ -393,7 +394,7 @@ def test_a_person_labels_with_the_keyboard_and_the_loop_trains_on_exactly_those_
   # those labels counted, and was saved.
   expected = {}
   for qid, choice in presses.items():
-    q = queue.get_query(qid)
+    q = stored_query(queue.path, qid)
     expected[q.batch_key, q.row] = choice == 'a' if choice == bob[qid] else tie_coin(qid)
   assert sorted({k for k, _ in expected}) == [f'online/{t:06d}' for t in range(STEPS)]
   assert _committed_labels(path) == expected

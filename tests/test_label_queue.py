@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import stored_query
 from pilaf_jax.labelling import queue as lq
 from pilaf_jax.labelling.queue import (AlreadyAnswered, BadChoice, LabelQueue, NotAssigned, QueryResolved,
                                        QueueError, QueueSettingsMismatch, UnknownLabeller, UnknownQuery)
@@ -66,9 +67,9 @@ def path(tmp_path):
 
 def test_enqueue_is_idempotent_and_status_follows_answers(path):
   q = LabelQueue(path)
-  assert q.batch_status('online/000000') == 'absent'
+  assert q.batch_progress('online/000000') == (0, 0)  # Absent.
   assert q.enqueue_batch('online/000000', 0, 'pilaf', queries(3)) is True
-  assert q.batch_status('online/000000') == 'pending'
+  assert q.batch_progress('online/000000') == (0, 3)  # Pending.
   before = dump(path)
   changed = [dict(x, prompt_text='other') for x in queries(5)]
   assert q.enqueue_batch('online/000000', 7, 'vanilla', changed) is False  # A restart re-enqueues: no-op.
@@ -81,7 +82,7 @@ def test_enqueue_is_idempotent_and_status_follows_answers(path):
   for (qid, row), choice in zip(work.todo, 'aba'):
     q.oracle_answer(qid, name, choice)
     assert q.batch_progress('online/000000') == (row + 1, 3)
-  assert q.batch_status('online/000000') == 'resolved'
+  assert q.batch_progress('online/000000') == (3, 3)  # Resolved.
   np.testing.assert_array_equal(q.resolved_labels('online/000000'), [True, False, True])
   assert q.pending_batches() == []
   q.close()
@@ -257,7 +258,7 @@ def test_owner_drops_and_reassigns_with_clear_refusals(path):
                       (lambda: q.reassign(q2, oracle), QueueError),
                       (lambda: q.reassign(q0, 'bob'), QueryResolved),
                       (lambda: q.answer(2**63, 'bob', 'a'), UnknownQuery),
-                      (lambda: q.get_query(2**64), UnknownQuery)]:
+                      (lambda: q.skipped(2**64, 'bob'), UnknownQuery)]:
     with pytest.raises(error):
       call()
     assert dump(path) == before
@@ -482,7 +483,7 @@ def test_concurrent_processes_lose_and_duplicate_nothing(path):
   # The function oracle's answers follow the rewards, whichever process gave them.
   for qid, name, choice in submitted:
     if name == oracle:
-      query = q.get_query(qid)
+      query = stored_query(q.path, qid)
       work = q.oracle_work(query.batch_key, oracle)
       r = work.rewards[query.row]
       assert choice == ('a' if r[0] > r[1] else 'b')

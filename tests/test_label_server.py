@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import queue_tables
+from conftest import queue_tables, stored_query
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -166,14 +166,14 @@ def test_resolved_query_and_assignments_through_http(tmp_path):
   qid = q1['query_id']
   # Both pick the response that reads 'second response ...': wherever each of them saw it.
   side = lambda name, text: 'left' if run.next(name)['left'] == text else 'right'
-  text_b = f'second response {run.queue.get_query(qid).row}'
+  text_b = f'second response {stored_query(run.queue.path, qid).row}'
   r = run.answer('alice', qid, side('alice', text_b))
   assert r.status_code == 200 and r.json['resolved'] is False
   assert run.answer('carol', qid, 'left').status_code == 403
   r = run.answer('bob', qid, side('bob', text_b))
   assert r.status_code == 200 and r.json['resolved'] is True
   assert run.answer('carol', qid, 'left').status_code in (403, 409)
-  q = run.queue.get_query(qid)
+  q = stored_query(run.queue.path, qid)
   labels = LabelQueue.open_existing(run.path).resolved_labels('online/000000')
   assert labels is None  # The other query is open.
   stored = label_load.stored_answers(run.path)
@@ -183,10 +183,10 @@ def test_resolved_query_and_assignments_through_http(tmp_path):
   assert run.answer('carol', other, 'tie').status_code == 200
   oq = run.next('alice')
   assert oq['query_id'] == other
-  text_a = f'first response {run.queue.get_query(other).row}'
+  text_a = f'first response {stored_query(run.queue.path, other).row}'
   assert run.answer('alice', other, 'left' if oq['left'] == text_a else 'right').json['resolved'] is True
   labels = run.queue.resolved_labels('online/000000')
-  assert labels[q.row] == False and labels[run.queue.get_query(other).row] == True  # noqa: E712
+  assert labels[q.row] == False and labels[stored_query(run.queue.path, other).row] == True  # noqa: E712
 
 
 def test_display_order_is_random_per_labeller_and_sources_never_reach_the_page(tmp_path):
@@ -251,7 +251,7 @@ def test_owner_page_reports_counts_agreement_and_progress(tmp_path):
   for name in ('alice', 'bob'):
     for _ in range(4):
       q = run.next(name)
-      text_a = f'first response {run.queue.get_query(q["query_id"]).row}'
+      text_a = f'first response {stored_query(run.queue.path, q["query_id"]).row}'
       # alice always picks 'a' (the oracle's choice); bob picks 'a' on queries 1-2 only.
       want_a = name == 'alice' or q['query_id'] <= 2
       side = 'left' if (q['left'] == text_a) == want_a else 'right'

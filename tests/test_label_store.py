@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -44,6 +45,21 @@ def make_batch(seed: int, b: int = 5, p: int = 4, r: int = 6):
   return labelled, rewards
 
 
+def log_legacy_query(path: str, batch_key: str, num_pairs: int) -> None:
+  """What a run made before the labelling queue wrote before asking its oracle about a batch: a row
+  of the store's query log (oracle_queries), committed."""
+  db = sqlite3.connect(path, timeout=60)
+  with db:
+    db.execute('INSERT INTO oracle_queries (batch_key, num_pairs, pid, time) VALUES (?,?,?,?)',
+               (batch_key, num_pairs, os.getpid(), time.time()))
+  db.close()
+
+
+def batch_keys(store: LabelStore) -> list:
+  """The labelled batches' keys in commit order."""
+  return list(dict.fromkeys(r['batch_key'] for r in store.iter_rows()))
+
+
 def assert_bit_equal(actual, expected, name):
   actual, expected = np.asarray(actual), np.asarray(expected)
   assert actual.shape == expected.shape, name
@@ -77,7 +93,7 @@ def test_put_get_round_trip_is_bit_exact(tmp_path):
   store = LabelStore(str(tmp_path / 'labels.sqlite'), FINGERPRINT)
   for key, (labelled, rewards) in batches.items():
     assert_batch_equal(store.get(key), labelled, rewards)
-  assert store.batch_keys() == list(batches)
+  assert batch_keys(store) == list(batches)
   store.close()
 
 
@@ -97,13 +113,13 @@ _CHILD = textwrap.dedent('''
     import sys, time
     sys.path.insert(0, {repo!r})
     sys.path.insert(0, {tests!r})
-    from test_label_store import FINGERPRINT, make_batch
+    from test_label_store import FINGERPRINT, log_legacy_query, make_batch
     from pilaf_jax.labelling.label_store import LabelStore
     store = LabelStore({path!r}, FINGERPRINT)
-    store.log_query('online/000007', 5)
+    log_legacy_query({path!r}, 'online/000007', 5)
     labelled, rewards = make_batch(7)
     store.put('online/000007', 7, 'pilaf', labelled, rewards)
-    store.log_query('online/000008', 5)  # Asked, never answered.
+    log_legacy_query({path!r}, 'online/000008', 5)  # Asked, never answered.
     print('committed', flush=True)
     time.sleep(600)
 ''')
@@ -168,20 +184,21 @@ def test_fingerprint_compares_json_normalised_values(tmp_path):
 
 
 def test_counts_and_queried_twice(tmp_path):
-  store = LabelStore(str(tmp_path / 'labels.sqlite'), FINGERPRINT)
+  path = str(tmp_path / 'labels.sqlite')
+  store = LabelStore(path, FINGERPRINT)
   assert store.counts() == {'labelled_pairs': 0, 'queried_pairs': 0, 'queried_twice': 0, 'pending_pairs': 0}
-  store.log_query('online/000000', 5)
+  log_legacy_query(path, 'online/000000', 5)
   labelled, rewards = make_batch(0)
   store.put('online/000000', 0, 'pilaf', labelled, rewards)
   assert store.counts() == {'labelled_pairs': 5, 'queried_pairs': 5, 'queried_twice': 0, 'pending_pairs': 0}
   # A crash between asking and committing: the resumed run asks again for the same batch.
-  store.log_query('online/000001', 5)
-  store.log_query('online/000001', 5)
+  log_legacy_query(path, 'online/000001', 5)
+  log_legacy_query(path, 'online/000001', 5)
   labelled, rewards = make_batch(1)
   store.put('online/000001', 1, 'pilaf', labelled, rewards)
   assert store.counts() == {'labelled_pairs': 10, 'queried_pairs': 15, 'queried_twice': 5, 'pending_pairs': 0}
-  store.log_query('online/000001', 5)  # A third time.
-  store.log_query('iteration000/chunk00000', 3)
+  log_legacy_query(path, 'online/000001', 5)  # A third time.
+  log_legacy_query(path, 'iteration000/chunk00000', 3)
   assert store.counts() == {'labelled_pairs': 10, 'queried_pairs': 23, 'queried_twice': 10, 'pending_pairs': 0}
   store.close()
 
@@ -219,6 +236,17 @@ def test_iter_rows_exports_every_pair(tmp_path):
 
 # --- pending batches (sampled, waiting for the labelling queue) ---
 
+@pytest.fixture
+def store_and_queue(tmp_path):
+  """A label store and the labelling queue in its file; both closed after the test."""
+  from pilaf_jax.labelling.queue import LabelQueue
+  path = str(tmp_path / 'labels.sqlite')
+  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+  yield store, queue
+  queue.close()
+  store.close()
+
+
 def _queries(labelled) -> list[dict]:
   p = labelled.pairs
   return [dict(row=i, prompt_id=int(p.prompts.ids[i]), prompt_text=f'prompt {i}', response_a_text='a',
@@ -226,68 +254,53 @@ def _queries(labelled) -> list[dict]:
           for i in range(p.size)]
 
 
-def test_pending_batch_round_trip_and_commit(tmp_path):
-  from pilaf_jax.labelling.queue import LabelQueue
-  path = str(tmp_path / 'labels.sqlite')
-  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+def test_pending_batch_round_trip_and_commit(store_and_queue):
+  store, queue = store_and_queue
   labelled, rewards = make_batch(0)
   assert store.status('online/000000') == 'absent'
   assert store.put_pending(queue, 'online/000000', 3, 'pilaf', labelled.pairs, rewards, _queries(labelled), 0)
-  assert store.status('online/000000') == 'pending' and queue.batch_status('online/000000') == 'pending'
+  assert store.status('online/000000') == 'pending' and queue.batch_progress('online/000000') == (0, 5)
   assert store.get('online/000000') is None
-  pairs, got_rewards = store.get_pending('online/000000')
-  assert_batch_equal((PreferenceBatch(pairs, labelled.a_preferred), got_rewards), labelled, rewards)
   assert store.counts() == {'labelled_pairs': 0, 'queried_pairs': 5, 'queried_twice': 0, 'pending_pairs': 5}
   # Enqueueing the key again (a restarted loop) writes nothing, arrays included.
   other, other_rewards = make_batch(1)
   assert not store.put_pending(queue, 'online/000000', 3, 'pilaf', other.pairs, other_rewards, _queries(other))
-  assert_batch_equal((PreferenceBatch(store.get_pending('online/000000')[0], labelled.a_preferred),
-                      store.get_pending('online/000000')[1]), labelled, rewards)
   assert store.commit_resolved('online/000000', labelled.a_preferred)
   assert not store.commit_resolved('online/000000', labelled.a_preferred)  # Idempotent.
-  assert store.status('online/000000') == 'labelled' and store.get_pending('online/000000') is None
+  assert store.status('online/000000') == 'labelled'
+  # The pending arrays, bit-exact (the second put_pending wrote nothing), now with their labels.
   assert_batch_equal(store.get('online/000000'), labelled, rewards)
   assert store.counts() == {'labelled_pairs': 5, 'queried_pairs': 5, 'queried_twice': 0, 'pending_pairs': 0}
   assert [r['batch_key'] for r in store.iter_rows()] == ['online/000000'] * 5
   with pytest.raises(KeyError):
     store.commit_resolved('online/000001', labelled.a_preferred)
-  queue.close()
-  store.close()
 
 
-def test_pending_batch_and_queries_are_one_transaction(tmp_path):
+def test_pending_batch_and_queries_are_one_transaction(store_and_queue):
   """A failure while writing the arrays leaves no queries behind (and the reverse)."""
-  from pilaf_jax.labelling.queue import LabelQueue, QueueError
-  path = str(tmp_path / 'labels.sqlite')
-  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+  from pilaf_jax.labelling.queue import QueueError
+  store, queue = store_and_queue
   labelled, rewards = make_batch(0)
   bad = labelled.pairs.replace(source=labelled.pairs.source[:2])  # Row 2 has no source: fails mid-write.
   with pytest.raises(IndexError):
     store.put_pending(queue, 'b', 0, 'pilaf', bad, rewards, _queries(labelled))
-  assert queue.batch_status('b') == 'absent' and store.status('b') == 'absent'
+  assert queue.batch_progress('b') == (0, 0) and store.status('b') == 'absent'
   broken = _queries(labelled)
   del broken[3]['prompt_text']
   with pytest.raises(QueueError):
     store.put_pending(queue, 'b', 0, 'pilaf', labelled.pairs, rewards, broken)
-  assert queue.batch_status('b') == 'absent' and store.status('b') == 'absent'
+  assert queue.batch_progress('b') == (0, 0) and store.status('b') == 'absent'
   assert store.put_pending(queue, 'b', 0, 'pilaf', labelled.pairs, rewards, _queries(labelled))
-  queue.close()
-  store.close()
 
 
-def test_missing_rewards_are_nan(tmp_path):
+def test_missing_rewards_are_nan(store_and_queue):
   """Without a function oracle (people label), the rewards are stored as NULL and read as NaN."""
-  from pilaf_jax.labelling.queue import LabelQueue
-  path = str(tmp_path / 'labels.sqlite')
-  store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
+  store, queue = store_and_queue
   labelled, _ = make_batch(2)
   store.put_pending(queue, 'b', 0, 'pilaf', labelled.pairs, None, _queries(labelled))
-  assert np.isnan(store.get_pending('b')[1]).all()
   store.commit_resolved('b', labelled.a_preferred)
   assert np.isnan(store.get('b')[1]).all()
   assert all(r['oracle_reward_a'] is None for r in store.iter_rows())
-  queue.close()
-  store.close()
 
 
 _PENDING_CHILD = textwrap.dedent('''
@@ -312,9 +325,11 @@ def test_pending_batch_survives_sigkill(tmp_path):
   _sigkill_after_commit(_PENDING_CHILD, path)
   store, queue = LabelStore(path, FINGERPRINT), LabelQueue(path)
   labelled, rewards = make_batch(9)
-  pairs, got = store.get_pending('online/000009')
-  assert_batch_equal((PreferenceBatch(pairs, labelled.a_preferred), got), labelled, rewards)
+  assert store.status('online/000009') == 'pending'
   assert queue.batch_progress('online/000009') == (0, 5)
+  # The pending arrays survived bit-exact: committing the labels moves them, unchanged.
+  assert store.commit_resolved('online/000009', labelled.a_preferred)
+  assert_batch_equal(store.get('online/000009'), labelled, rewards)
   queue.close()
   store.close()
 

@@ -37,6 +37,7 @@ sys.path.insert(0, REPO)
 
 from benchmarks import kill_resume as kr  # noqa: E402
 from pilaf_jax import paths  # noqa: E402
+from test_label_store import batch_keys, log_legacy_query  # noqa: E402
 
 CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
 STEPS = 12  # Evaluations at 0, 4, 8, 12; a checkpoint every 2 steps (configs/tiny.py).
@@ -258,7 +259,7 @@ def _put(store, key):
                     responses=np.full((b, 2, r), 3, np.int32), response_mask=np.ones((b, 2, r), bool),
                     policy_logprobs=z(b, 2, r), ref_logprobs=z(b, 2, r), source=np.zeros((b, 2), np.int8),
                     cost=SamplingCost(**{f.name: np.int32(0) for f in dataclasses.fields(SamplingCost)}))
-  store.log_query(key, b)
+  log_legacy_query(store.path, key, b)
   store.put(key, 0, 'vanilla', PreferenceBatch(pairs, np.array([True, False])), np.zeros((b, 2)))
 
 
@@ -273,7 +274,7 @@ def test_snapshot_is_consistent_and_upload_skips_unchanged_store(base, tmp_path)
   paths.copy_file(copy.copy_path, str(tmp_path / 'downloaded.sqlite'))
   assert not os.path.exists(str(tmp_path / 'downloaded.sqlite') + '-wal')
   downloaded = _store(tmp_path / 'downloaded.sqlite')
-  assert downloaded.batch_keys() == ['online/000000', 'online/000001', 'online/000002']
+  assert batch_keys(downloaded) == ['online/000000', 'online/000001', 'online/000002']
   assert downloaded.get('online/000002') is not None
   downloaded.close()
   copy.close()
@@ -293,14 +294,14 @@ def test_restore_downloads_a_missing_store_and_replaces_a_stale_one(base, tmp_pa
   StoreCopy(str(first), base).restore(logs.append)
   assert not logs
   kept = _store(first)
-  assert kept.batch_keys() == ['online/000000', 'online/000001', 'online/000002']
+  assert batch_keys(kept) == ['online/000000', 'online/000001', 'online/000002']
   kept.close()
   # A new machine: no local store; it starts from the copy (batch 2 will be asked again).
   second = tmp_path / 'vm2' / 'labels.sqlite'
   StoreCopy(str(second), base).restore(logs.append)
   assert "starting from the workdir's copy" in logs[-1]
   newer = _store(second)
-  assert newer.batch_keys() == ['online/000000', 'online/000001']
+  assert batch_keys(newer) == ['online/000000', 'online/000001']
   _put(newer, 'online/000002')  # Labelled again on the new machine, then uploaded.
   StoreCopy(str(second), base).upload()
   newer.close()
@@ -312,7 +313,7 @@ def test_restore_downloads_a_missing_store_and_replaces_a_stale_one(base, tmp_pa
   assert len(aside) == 1
   replaced, stale = _store(first), _store(first.parent / aside[0])
   assert replaced.get('online/000002')[0].a_preferred.tolist() == [True, False]
-  assert replaced.batch_keys() == stale.batch_keys()
+  assert batch_keys(replaced) == batch_keys(stale)
   assert [r['batch_key'] for r in replaced.iter_rows()] == [r['batch_key'] for r in stale.iter_rows()]
   replaced.close()
   stale.close()

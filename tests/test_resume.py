@@ -25,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import kill_resume as kr  # noqa: E402
+from conftest import stored_query  # noqa: E402
 
 CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
 
@@ -202,7 +203,7 @@ def test_people_label_and_sigterm_while_waiting(root, env, reuse_reference):
   assert 'Waiting for labels of online/000000: 0/16 resolved' in first.log, first.log[-3000:]
   assert 'SIGTERM: saved step 0' in first.log
   queue = LabelQueue.open_existing(kr.store_file(str(workdir)))
-  enqueued = queue.get_query(1).created
+  enqueued = stored_query(queue.path, 1).created
   queue.add_labeller('alice')
   answered = {}
   stop = threading.Event()
@@ -230,7 +231,7 @@ def test_people_label_and_sigterm_while_waiting(root, env, reuse_reference):
   for key, row in rows['rows'].items():
     assert row['a_preferred'] == answered[key], key
     assert row['oracle_reward_a'] is not None and row['oracle_reward_b'] is not None
-  assert queue.get_query(1).created == enqueued  # Batch 0 was not sampled again.
+  assert stored_query(queue.path, 1).created == enqueued  # Batch 0 was not sampled again.
   report = {r['name']: r for r in queue.labeller_report()['labellers']}
   assert report['alice']['answers'] == steps * BATCH and report['alice']['n_oracle'] > 0
   assert queue.labellers() == ['alice']  # No function oracle answered.

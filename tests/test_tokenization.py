@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip('transformers')  # Optional (the `hf` extras): the rest of the suite runs without.
 
-from pilaf_jax.data.tokenization import ChatTokenizer, generation_eos_ids, load_tokenizer  # noqa: E402
+from pilaf_jax.data.tokenization import ChatTokenizer, load_tokenizer  # noqa: E402
 from text_fixtures import (  # noqa: E402
     CHATML_TEMPLATE, SENTENCES, SPECIAL_TOKENS, make_tiny_chat_tokenizer)
 
@@ -124,14 +124,11 @@ def test_missing_chat_template(tmp_path):
   assert tok.render([msg('user', 'one')]) == ids(tok, f"<s> {block('user', 'one')} {GEN}")
 
 
-def test_load_errors_and_generation_eos(tmp_path):
+def test_load_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='expected a local tokenizer directory'):
     load_tokenizer(tmp_path / 'absent')
   with pytest.raises(FileNotFoundError, match='no such GGUF file'):
     load_tokenizer(tmp_path / 'absent.gguf')
-  assert generation_eos_ids(tmp_path) == ()
-  (tmp_path / 'generation_config.json').write_text('{"eos_token_id": [2, 7]}')
-  assert generation_eos_ids(tmp_path) == (2, 7)
 
 
 def _smollm2_gguf():

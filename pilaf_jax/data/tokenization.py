@@ -6,7 +6,6 @@ rendered with the chat template and a generation prompt, then encoded without ad
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -28,18 +27,6 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: expected a local tokenizer directory or a .gguf file')
   return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def generation_eos_ids(model_dir: str | os.PathLike) -> tuple[int, ...]:
-  """The eos ids of <model_dir>/generation_config.json (instruct models often stop on several)."""
-  path = os.path.join(os.fspath(model_dir), 'generation_config.json')
-  if not os.path.isfile(path):
-    return ()
-  with open(path, encoding='utf-8') as f:
-    eos = json.load(f).get('eos_token_id')
-  if eos is None:
-    return ()
-  return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
 
 
 class ChatTokenizer:

@@ -8,7 +8,8 @@ per-labeller counts, agreement between labellers and with the function oracle, a
 Everything lives in the queue (pilaf_jax/labelling/queue.py), in the run's label store file: this
 app keeps no state of its own beyond two small secrets beside that file (the owner token and the key
 of the display order, both 0600). Every answer is committed by LabelQueue.answer() before the
-response is sent.
+response is sent. Beside this module: secret_files.py (the owner token, the display-order key and
+the order itself) and request_checks.py (what a request must look like before it reaches the queue).
 
 Security model (see README, "Labelling by people"):
   * every request carries a token: `Authorization: Bearer <token>` (JSON API) or the HttpOnly,
@@ -33,96 +34,29 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import os
-import secrets
 import sqlite3
-import tempfile
 import threading
-from typing import Callable, Optional
+from typing import Optional
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, jsonify, redirect, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from pilaf_jax.label_server.request_checks import (MAX_BODY, BadRequest, json_object, origin_matches,  # noqa: F401
+                                                   parse_answer, query_id_of, short)
+from pilaf_jax.label_server.secret_files import (ORDER_KEY_FILE, OWNER_TOKEN_FILE, is_swapped,  # noqa: F401
+                                                 order_key, owner_token, storage_choice)
 from pilaf_jax.labelling import queue as label_queue
 
 COOKIE = 'pilaf_label_token'
-OWNER_TOKEN_FILE = 'label_server_owner_token'
-ORDER_KEY_FILE = 'label_server_order_key'
 LOCAL_HOSTS = frozenset({'127.0.0.1', 'localhost', '::1'})
-# What the page posts (display order) -> what the queue stores (storage order), before any swap.
-DISPLAY_CHOICES = ('left', 'right', 'tie', 'skip')
-_UNSWAPPED = {'left': 'a', 'right': 'b', 'tie': 'tie', 'skip': 'skip'}
-_SWAPPED = {'left': 'b', 'right': 'a', 'tie': 'tie', 'skip': 'skip'}
-_MAX_BODY = 4096  # An answer is ~50 bytes; anything far larger is not one.
-MAX_JSON_DEPTH = 4  # An answer is one flat object.
 _SAFE_METHODS = frozenset({'GET', 'HEAD', 'OPTIONS'})
-_DEFAULT_PORTS = {'http': 80, 'https': 443}
 _HTTP_MESSAGES = {
     404: 'No such page.',
     405: '{method} is not allowed here.',
-    413: f'Request body too large (at most {_MAX_BODY} bytes).',
+    413: f'Request body too large (at most {MAX_BODY} bytes).',
 }
-
-
-class BadRequest(ValueError):
-  """A malformed request (400 unless told otherwise), reported as {'error': message}."""
-
-  def __init__(self, message: str, status: int = 400):
-    super().__init__(message)
-    self.status = status
-
-
-# --- secrets beside the label store------------------------------------------------------------------
-
-def _read_or_create_secret(path: str, make: Callable[[], str]) -> str:
-  """The secret in `path`; on first use a new one, written to a 0600 temporary file and linked into
-  place (atomic: two processes starting at once agree on one secret, and none reads a partial file)."""
-  if not os.path.exists(path):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.' + os.path.basename(path))
-    try:  # mkstemp makes the file 0600.
-      with os.fdopen(fd, 'w') as f:
-        f.write(make() + '\n')
-        f.flush()
-        os.fsync(f.fileno())
-      try:
-        os.link(tmp, path)
-      except FileExistsError:
-        pass  # Another process made it first: use theirs.
-    finally:
-      os.unlink(tmp)
-  with open(path) as f:
-    value = f.read().strip()
-  if not value:
-    raise RuntimeError(f'{path} is empty; delete it to make a new one.')
-  return value
-
-
-def owner_token(directory: str) -> str:
-  """The run owner's token (<directory>/label_server_owner_token, 0600), made on first use."""
-  os.makedirs(directory, exist_ok=True)
-  return _read_or_create_secret(os.path.join(directory, OWNER_TOKEN_FILE), lambda: secrets.token_urlsafe(32))
-
-
-def order_key(directory: str) -> bytes:
-  """The key of the per-(labeller, query) display order. It must survive restarts: an answer is
-  mapped back to storage order with the same key that ordered the page the labeller saw."""
-  os.makedirs(directory, exist_ok=True)
-  return bytes.fromhex(_read_or_create_secret(os.path.join(directory, ORDER_KEY_FILE),
-                                              lambda: secrets.token_hex(32)))
-
-
-def is_swapped(key: bytes, labeller: str, query_id: int) -> bool:
-  """Whether `labeller` sees response b on the left for `query_id`: a keyed hash, so the order is
-  fixed per (labeller, query), differs between labellers, and cannot be predicted without the key."""
-  digest = hmac.new(key, f'{labeller}\0{int(query_id)}'.encode(), hashlib.sha256).digest()
-  return bool(digest[0] & 1)
-
-
-def storage_choice(display_choice: str, swapped: bool) -> str:
-  """'left' / 'right' / 'tie' / 'skip' as the page posts it -> 'a' / 'b' / 'tie' / 'skip'."""
-  return (_SWAPPED if swapped else _UNSWAPPED)[display_choice]
 
 
 # --- the app ----------------------------------------------------------------------------------------
@@ -136,42 +70,6 @@ def store_path(workdir: str, configured: str = '') -> str:
 def open_queue(path: str) -> 'label_queue.LabelQueue':
   """The run's queue, with the settings the run stored; QueueError when the run has not made it."""
   return label_queue.LabelQueue.open_existing(path)
-
-
-def json_depth(raw: bytes) -> int:
-  """How deeply the JSON text nests arrays and objects (brackets inside strings do not count)."""
-  depth = deepest = 0
-  in_string = escaped = False
-  for byte in raw:
-    if in_string:
-      if escaped:
-        escaped = False
-      elif byte == 0x5C:  # backslash
-        escaped = True
-      elif byte == 0x22:  # quote
-        in_string = False
-    elif byte == 0x22:
-      in_string = True
-    elif byte in (0x5B, 0x7B):  # [ {
-      depth += 1
-      deepest = max(deepest, depth)
-    elif byte in (0x5D, 0x7D):
-      depth -= 1
-  return deepest
-
-
-def origin_matches(origin: str, scheme: str, host: str) -> bool:
-  """Whether a browser's Origin header names exactly this server: scheme, host name and port
-  (default ports filled in). 'null' (sandboxed frames, data: URLs, some redirects) never does."""
-  try:
-    theirs, ours = urlsplit(origin), urlsplit(f'{scheme}://{host}')
-    their_port = theirs.port or _DEFAULT_PORTS.get(theirs.scheme.lower())
-    our_port = ours.port or _DEFAULT_PORTS.get(scheme)
-  except ValueError:  # A malformed port.
-    return False
-  return (theirs.scheme.lower() == scheme and theirs.hostname is not None and theirs.hostname == ours.hostname
-          and their_port is not None and their_port == our_port and theirs.username is None
-          and not theirs.path and not theirs.query)
 
 
 def create_app(workdir: str, *, configured_store: str = '',
@@ -216,7 +114,7 @@ def create_app(workdir: str, *, configured_store: str = '',
     return opened[0]
 
   app = Flask(__name__)
-  app.config.update(MAX_CONTENT_LENGTH=_MAX_BODY)
+  app.config.update(MAX_CONTENT_LENGTH=MAX_BODY)
   app.json.sort_keys = False  # Keep the order the handlers build.
   app.url_map.merge_slashes = False  # '//x' is no page: a 404, not a redirect to '/x'.
   app.extensions['pilaf_label_server'] = {'store': path, 'queue': get_queue}
@@ -399,7 +297,7 @@ def create_app(workdir: str, *, configured_store: str = '',
   @app.post('/api/answer')
   def answer():
     require('labeller')
-    query_id, choice = _parse_answer()
+    query_id, choice = parse_answer()
     q = get_queue()
     swapped = is_swapped(key, g.name, query_id)
     result = q.answer(query_id, g.name, storage_choice(choice, swapped))  # Committed on return.
@@ -427,68 +325,23 @@ def create_app(workdir: str, *, configured_store: str = '',
   def drop():
     """The owner stops waiting for a query: it is resolved from the answers it has (see LabelQueue.drop)."""
     require('owner')
-    body = _json_object('{"query_id": <int>}')
+    body = json_object('{"query_id": <int>}')
     if set(body) != {'query_id'}:
       raise BadRequest('Send exactly {"query_id": <int>}.')
-    return jsonify(ok=True, **get_queue().drop(_query_id(body)))
+    return jsonify(ok=True, **get_queue().drop(query_id_of(body)))
 
   @app.post('/api/reassign')
   def reassign():
     """The owner hands a query to a labeller (they get it on their next fetch)."""
     require('owner')
-    body = _json_object('{"query_id": <int>, "labeller": <name>}')
+    body = json_object('{"query_id": <int>, "labeller": <name>}')
     if set(body) != {'query_id', 'labeller'} or not isinstance(body['labeller'], str):
       raise BadRequest('Send exactly {"query_id": <int>, "labeller": <name>}.')
-    query_id = _query_id(body)
+    query_id = query_id_of(body)
     try:
       get_queue().reassign(query_id, body['labeller'])
     except label_queue.UnknownLabeller as e:  # Not a 401: the owner is logged in.
-      raise BadRequest(f'No labeller {_short(body["labeller"])}.', 400) from e
+      raise BadRequest(f'No labeller {short(body["labeller"])}.', 400) from e
     return jsonify(ok=True, query_id=query_id, labeller=body['labeller'])
 
   return app
-
-
-def _json_object(expected: str) -> dict:
-  """The request's JSON object body, or a 4xx that says what is wrong (`expected` shows the shape).
-  The nesting is checked before parsing: a deep array would exhaust Python's recursion limit."""
-  if not request.is_json:
-    raise BadRequest(f'Send JSON (Content-Type: application/json): {expected}.', 415)
-  raw = request.get_data(cache=True)  # At most MAX_CONTENT_LENGTH bytes, else 413.
-  if json_depth(raw) > MAX_JSON_DEPTH:
-    raise BadRequest(f'The body nests deeper than {MAX_JSON_DEPTH} levels; expected {expected}.')
-  try:
-    body = json.loads(raw)
-  except ValueError:  # Not JSON, not UTF-8, or a number beyond Python's limits.
-    body = None
-  if not isinstance(body, dict):
-    raise BadRequest(f'The body is not a JSON object; expected {expected}.')
-  return body
-
-
-def _short(value) -> str:
-  text = repr(value)
-  return text if len(text) <= 60 else text[:57] + '...'
-
-
-def _query_id(body: dict) -> int:
-  query_id = body.get('query_id')
-  if (not isinstance(query_id, int) or isinstance(query_id, bool)
-      or not 0 <= query_id <= label_queue.MAX_QUERY_ID):
-    raise BadRequest(f'"query_id" must be an integer in [0, 2**63), got {_short(query_id)}.')
-  return query_id
-
-
-_ANSWER_SHAPE = '{"query_id": <int>, "choice": "left" | "right" | "tie" | "skip"}'
-
-
-def _parse_answer() -> tuple[int, str]:
-  """(query_id, display choice) from the JSON body, or a 4xx that says what is wrong."""
-  body = _json_object(_ANSWER_SHAPE)
-  extra = sorted(set(body) - {'query_id', 'choice'})
-  if extra:
-    raise BadRequest(f'Unexpected fields {_short(extra)}; an answer has exactly "query_id" and "choice".')
-  query_id, choice = _query_id(body), body.get('choice')
-  if choice not in DISPLAY_CHOICES:
-    raise BadRequest(f'"choice" must be one of {list(DISPLAY_CHOICES)}, got {_short(choice)}.')
-  return query_id, choice

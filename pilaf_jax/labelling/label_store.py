@@ -16,6 +16,7 @@ before the oracle was called); it is still counted, and no longer written.
 """
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sqlite3
@@ -25,6 +26,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 from pilaf_jax.batches import PairBatch, PreferenceBatch, PromptBatch, SamplingCost
+from pilaf_jax.labelling import sqlite_db
+from pilaf_jax.labelling.queue_records import queue_counts
 
 # Labelled batches (batches, pairs) and batches waiting for labels (pending_*) have the same columns,
 # but for the label, which sits before the oracle's rewards (INSERTs below rely on the order).
@@ -61,7 +64,6 @@ _ARRAY_COLUMNS = {  # column -> (PairBatch field, pair index or None, dtype)
 }
 _PAIR_COLUMNS = ('batch_key, row, prompt_id, ' + ', '.join(_ARRAY_COLUMNS) +
                  ', source_a, source_b, oracle_reward_a, oracle_reward_b')
-BUSY_TIMEOUT_S = 60.0  # The queue's other writers (web server, oracle workers) share the file.
 
 
 def empty_preference_batch(n: int, prompt_len: int, response_len: int) -> PreferenceBatch:
@@ -83,20 +85,11 @@ def _reward(x) -> Optional[float]:
   return None if np.isnan(x) else x
 
 
-def make_private(path: str) -> None:
-  """Creates the SQLite file `path` readable by its owner only (it holds every answer and the hidden
-  sources of every pair), or narrows an existing one of ours to 0600. SQLite gives the -wal and
-  -shm files beside it the database's mode."""
-  # Never open (and close) an existing database file here: closing any descriptor of a file drops
-  # every POSIX lock this process holds on it, those of SQLite's own connections included.
-  try:
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-    return
-  except FileExistsError:
-    pass
-  st = os.stat(path)
-  if st.st_mode & 0o077 and st.st_uid == os.getuid():
-    os.chmod(path, 0o600)
+class BatchStatus(enum.IntEnum):
+  """What waiting for a batch's labels came to (the values travel between processes as int32)."""
+  STOPPED = 0  # should_stop() turned true while waiting: no batch.
+  LABELLED_BEFORE = 1  # The store held the labelled batch already (a resumed run).
+  RESOLVED_NOW = 2  # Its queries were resolved while waiting, and the batch committed now.
 
 
 class LabelStoreMismatch(ValueError):
@@ -109,13 +102,10 @@ class LabelStore:
   def __init__(self, path: str, fingerprint: dict, *, defaults: Optional[dict] = None):
     """defaults: the fingerprint of the default config; a field the stored fingerprint lacks (added
     to the code since the store was written) matches when it has its default value."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    make_private(path)
+    sqlite_db.create_private(path)
     self.path = path
-    self._db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)  # Explicit transactions.
-    self._db.execute('PRAGMA journal_mode=WAL')
-    self._db.execute('PRAGMA synchronous=FULL')
-    self._db.execute(f'PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}')
+    # One connection, one thread: the queue's other writers (web server, workers) have their own.
+    self._db = sqlite_db.connect(path, create=True)
     self._db.executescript(_SCHEMA)
     self._check_fingerprint(fingerprint, defaults or {})
 
@@ -136,26 +126,12 @@ class LabelStore:
                                'refusing to mix labels. Differing fields:\n  ' + '\n  '.join(diff))
 
   def _transaction(self):
-    db = self._db
-
-    class _Txn:
-      def __enter__(self):
-        db.execute('BEGIN IMMEDIATE')
-
-      def __exit__(self, exc_type, *_):
-        db.execute('ROLLBACK' if exc_type else 'COMMIT')
-    return _Txn()
+    return sqlite_db.write(self._db)
 
   def close(self) -> None:
     self._db.close()
 
   # --- writing ---
-  def log_query(self, batch_key: str, num_pairs: int) -> None:
-    """Records (durably) that the oracle is about to be asked about a batch (runs before the queue)."""
-    with self._transaction():
-      self._db.execute('INSERT INTO oracle_queries (batch_key, num_pairs, pid, time) VALUES (?,?,?,?)',
-                       (batch_key, num_pairs, os.getpid(), time.time()))
-
   @staticmethod
   def _pair_rows(batch_key: str, pairs: PairBatch, oracle_rewards: Optional[np.ndarray]) -> list[tuple]:
     """One tuple per pair in _PAIR_COLUMNS order (arrays as raw bytes: bit-exact round trips)."""
@@ -234,17 +210,16 @@ class LabelStore:
     return True
 
   # --- reading ---
-  def _read(self, batch_key: str, batches: str, pairs: str):
-    """(PairBatch of numpy arrays, a_preferred [B] or None, oracle rewards [B, 2]) or None."""
-    meta = self._db.execute(f'SELECT num_pairs, prompt_len, response_len, cost FROM {batches} '
+  def _read(self, batch_key: str):
+    """A labelled batch's (PairBatch of numpy arrays, a_preferred [B], oracle rewards [B, 2]) or None."""
+    meta = self._db.execute('SELECT num_pairs, prompt_len, response_len, cost FROM batches '
                             'WHERE batch_key=?', (batch_key,)).fetchone()
     if meta is None:
       return None
     b, p, r, cost = meta
     columns = list(_ARRAY_COLUMNS)
-    label = 'a_preferred' if pairs == 'pairs' else '0'
-    rows = self._db.execute(f'SELECT {",".join(columns)}, source_a, source_b, {label}, '
-                            f'oracle_reward_a, oracle_reward_b, prompt_id FROM {pairs} WHERE batch_key=? '
+    rows = self._db.execute(f'SELECT {",".join(columns)}, source_a, source_b, a_preferred, '
+                            'oracle_reward_a, oracle_reward_b, prompt_id FROM pairs WHERE batch_key=? '
                             'ORDER BY row', (batch_key,)).fetchall()
     if len(rows) != b:
       raise RuntimeError(f'Label store {self.path} batch {batch_key} has {len(rows)} of {b} pairs.')
@@ -268,13 +243,8 @@ class LabelStore:
   def get(self, batch_key: str) -> Optional[tuple[PreferenceBatch, np.ndarray]]:
     """The labelled batch as (PreferenceBatch of numpy arrays, oracle rewards [B, 2], NaN where no
     function oracle exists), or None."""
-    read = self._read(batch_key, 'batches', 'pairs')
+    read = self._read(batch_key)
     return None if read is None else (PreferenceBatch(read[0], read[1]), read[2])
-
-  def get_pending(self, batch_key: str) -> Optional[tuple[PairBatch, np.ndarray]]:
-    """A pending (sampled, not yet labelled) batch as (PairBatch of numpy arrays, oracle rewards), or None."""
-    read = self._read(batch_key, 'pending_batches', 'pending_pairs')
-    return None if read is None else (read[0], read[2])
 
   def status(self, batch_key: str) -> str:
     """'labelled', 'pending' or 'absent'."""
@@ -284,18 +254,11 @@ class LabelStore:
       return 'pending'
     return 'absent'
 
-  def pending_keys(self) -> list[str]:
-    return [row[0] for row in self._db.execute('SELECT batch_key FROM pending_batches ORDER BY rowid')]
-
-  def batch_keys(self) -> list[str]:
-    return [row[0] for row in self._db.execute('SELECT batch_key FROM batches ORDER BY rowid')]
-
   def counts(self) -> dict:
     """labelled_pairs; queried_pairs: pairs put to an oracle (the queue's queries, plus the query log
     of runs before the queue); queried_twice: pairs whose question was asked again (a pre-queue run's
     re-logged batches, plus deciding answers a queue query got beyond what it needed: 0 unless the
     queue's invariants broke); pending_pairs: sampled pairs waiting for their labels."""
-    from pilaf_jax.labelling.queue import queue_counts
     labelled = self._db.execute('SELECT COALESCE(SUM(num_pairs), 0) FROM batches').fetchone()[0]
     pending = self._db.execute('SELECT COALESCE(SUM(num_pairs), 0) FROM pending_batches').fetchone()[0]
     queried = self._db.execute('SELECT COALESCE(SUM(num_pairs), 0) FROM oracle_queries').fetchone()[0]

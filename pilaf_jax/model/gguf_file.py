@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pilaf_jax.model.checkpoints import CheckpointError
+from pilaf_jax.model.checkpoint_info import CheckpointError
 
 # Metadata value types (gguf.GGUFValueType): struct format of the fixed-size ones.
 _SCALAR_FORMATS = {0: 'B', 1: 'b', 2: 'H', 3: 'h', 4: 'I', 5: 'i', 6: 'f', 7: '?', 10: 'Q', 11: 'q',

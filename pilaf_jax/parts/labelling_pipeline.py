@@ -15,7 +15,7 @@ import numpy as np
 from pilaf_jax import config_validation, default_config, paths
 from pilaf_jax.batches import PairBatch, PreferenceBatch
 from pilaf_jax.errors import ConfigError
-from pilaf_jax.labelling.label_store import LabelStore, empty_preference_batch
+from pilaf_jax.labelling.label_store import BatchStatus, LabelStore, empty_preference_batch
 from pilaf_jax.labelling.queue import LabelQueue, QueueSettingsMismatch, describe_waiting
 from pilaf_jax.labelling.store_sync import StoreCopy
 from pilaf_jax.labelling.worker import FunctionOracle
@@ -25,8 +25,6 @@ from pilaf_jax.parallel.placement import Placement, broadcast_from_main, to_host
 from pilaf_jax.tasks.base import pair_queries
 
 PROGRESS_SECONDS = 5.0  # A loop waiting for labels says so at most this often.
-# What resolved() found, broadcast from process 0 (the queue's BatchStatus values, by name here).
-STOPPED, STORED_BEFORE, RESOLVED_NOW = 0, 1, 2
 
 
 class LabellingPipeline:
@@ -79,21 +77,21 @@ class LabellingPipeline:
     """The labelled batch `batch_key` (enqueued before), once every query of it is resolved and
     committed to the store. Returns (batch, labelled before this call), or None when should_stop()
     (SIGTERM) turned true while waiting. Other processes wait in the broadcast."""
-    status, labels = STOPPED, None
+    status, labels = BatchStatus.STOPPED, None
     if self.store is not None:
       if self.store.status(batch_key) == 'labelled':
-        status = STORED_BEFORE
+        status = BatchStatus.LABELLED_BEFORE
       else:
         with self.phases.phase('label'):
           labels = self._wait_for_labels(batch_key, should_stop, log)
           if labels is not None:
             self.store.commit_resolved(batch_key, labels)
-            status = RESOLVED_NOW
-    status = int(broadcast_from_main(np.int32(status)))
-    if status == STOPPED:
+            status = BatchStatus.RESOLVED_NOW
+    status = BatchStatus(int(broadcast_from_main(np.int32(status))))
+    if status == BatchStatus.STOPPED:
       return None
     fresh = self._fresh.pop(batch_key, None)
-    if status == RESOLVED_NOW:
+    if status == BatchStatus.RESOLVED_NOW:
       self.phases.count('label_pairs', n)
       if fresh is not None:  # Sampled by this process: only the labels travel.
         labels = broadcast_from_main(np.zeros((n,), bool) if labels is None else labels)
@@ -101,7 +99,7 @@ class LabellingPipeline:
     # Labelled before, or sampled before a restart: process 0 reads it back, every process receives it.
     stored = (self.store.get(batch_key)[0] if self.store is not None else
               empty_preference_batch(n, self.task.prompt_len, self.task.response_len))
-    return self.placement.to_global(broadcast_from_main(stored)), status == STORED_BEFORE
+    return self.placement.to_global(broadcast_from_main(stored)), status == BatchStatus.LABELLED_BEFORE
 
   def _wait_for_labels(self, batch_key: str, should_stop, log) -> Optional[np.ndarray]:
     """Process 0: the batch's labels once resolved, answering function-oracle queries here when

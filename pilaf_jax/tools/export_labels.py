@@ -10,7 +10,6 @@ last checkpoint).
 import csv
 import json
 import os
-import sqlite3
 import sys
 import tempfile
 
@@ -47,8 +46,12 @@ def _export(path: str, out: str) -> tuple[int, dict]:
   """Writes the store at `path` to the local file `out`; returns (pairs written, store counts)."""
   from pilaf_jax.labelling.label_store import LabelStore
   # Open with the store's own fingerprint: exporting must never refuse or modify a store.
-  fingerprint = json.loads(sqlite3.connect(path).execute(
-      "SELECT value FROM meta WHERE key='fingerprint'").fetchone()[0])
+  from pilaf_jax.labelling import sqlite_db
+  db = sqlite_db.connect(path, create=False)  # Read-write: after a crash, reading may need recovery.
+  try:
+    fingerprint = json.loads(db.execute("SELECT value FROM meta WHERE key='fingerprint'").fetchone()[0])
+  finally:
+    db.close()
   store = LabelStore(path, fingerprint)
   n = 0
   with open(out, 'w', newline='') as f:
