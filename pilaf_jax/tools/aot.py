@@ -42,7 +42,8 @@ import numpy as np
 
 from pilaf_jax.model.llama import LlamaConfig
 from pilaf_jax.tools import programs as programs_lib
-from pilaf_jax.tools.tpu_topology import Chip, PlanError, chip_of, first_line, make_mesh, topology_devices
+from pilaf_jax.tools.tpu_topology import (Chip, PlanError, chip_of, first_line, fit_hint, make_mesh,
+                                         topology_devices)
 
 GB = 1e9
 FIT_FRACTION = 0.9  # A program must leave 10% of HBM free (fragmentation, runtime buffers).
@@ -113,7 +114,8 @@ COST_COMPILER_OPTIONS = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
                          'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False}
 
 
-def compile_program(program: programs_lib.Program, compiler_options: Optional[dict] = None):
+def compile_program(program: programs_lib.Program, compiler_options: Optional[dict] = None,
+                    topology: str = ''):
   """(lowered, compiled, seconds). A program that does not fit makes the TPU compiler fail: PlanError,
   naming how many devices would hold it (the sharded state and rows scale with 1/devices)."""
   start = time.time()
@@ -128,8 +130,7 @@ def compile_program(program: programs_lib.Program, compiler_options: Optional[di
       if found:
         devices = len(jax.tree.leaves(program.args)[0].sharding.device_set)
         need = math.ceil(devices * float(found.group(1)) / (FIT_FRACTION * float(found.group(2))))
-        hint = (f' Use a topology with at least ~{need} devices (now {devices}), or shrink dpo.batch_size '
-                '/ the task lengths.')
+        hint = f' {fit_hint(topology, devices, need).capitalize()}, or shrink dpo.batch_size / the task lengths.'
       raise PlanError(f'{program.name} does not fit in HBM: {first_line(e).rstrip(".")}.{hint}') from None
     raise
   return lowered, compiled, time.time() - start
@@ -225,7 +226,7 @@ def analyse(config, topology: str, *, layers: int = 0, only: Optional[set[str]] 
   results = {}
   if memory:
     for p in programs_lib.build_programs(config, mesh, cfg, only=only):
-      lowered, compiled, seconds = compile_program(p)
+      lowered, compiled, seconds = compile_program(p, topology=topology)
       log(f'  memory: {p.name} compiled in {seconds:.0f} s')
       results[p.name] = Result(p.name, p.kind, seconds, memory_of(compiled), tokens=p.tokens,
                                model_flops=p.model_flops,
@@ -280,7 +281,7 @@ def check_fits(results: list[Result], chip: Chip, devices: int, topology: str) -
       need = math.ceil(devices * r.memory.peak / (FIT_FRACTION * chip.hbm_bytes))
       raise PlanError(
           f'{r.name} needs {r.memory.peak / GB:.1f} GB per device, above {FIT_FRACTION:.0%} of the '
-          f'{chip.hbm_bytes / GB:.0f} GB of HBM on {topology}: use a topology with at least ~{need} devices '
+          f'{chip.hbm_bytes / GB:.0f} GB of HBM on {topology}: {fit_hint(topology, devices, need)} '
           f'(the sharded state scales with 1/devices), or shrink dpo.batch_size / task lengths, or turn on '
           f'model.remat.')
 

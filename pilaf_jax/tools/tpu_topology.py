@@ -80,6 +80,30 @@ def topology_devices(name: str) -> list:
                     f'use a cloud accelerator type or a topology, e.g. {_known()}.') from None
 
 
+FAMILIES = {'TPU v5': 'v5p', 'TPU v5 lite': 'v5e', 'TPU v4': 'v4', 'TPU v6 lite': 'v6e'}  # device_kind -> topology prefix.
+
+
+def smallest_fitting(family: str, cores_per_chip: int, devices_needed: int) -> str:
+  """The smallest known accelerator type of a generation ('v5p', 'v5e', ...) with at least
+  devices_needed devices (a device is a TensorCore where the compiler lists two per chip); ''
+  when none is known."""
+  sizes = sorted((math.prod(map(int, t.split(':')[1].split('x'))), name)
+                 for name, t in ACCELERATOR_TYPES.items() if t.split(':')[0] == family)
+  return next((name for chips, name in sizes if chips * cores_per_chip >= devices_needed), '')
+
+
+def fit_hint(topology: str, devices: int, devices_needed: int) -> str:
+  """What to rent when a program does not fit on `topology` (whose compiler lists `devices` devices)."""
+  family, _, shape = topology_name(topology).partition(':')
+  try:
+    chips = math.prod(int(x) for x in shape.split('x'))
+  except ValueError:
+    chips = 0
+  smallest = smallest_fitting(family, max(1, devices // chips), devices_needed) if chips else ''
+  return (f'use a topology with at least ~{devices_needed} devices (now {devices})'
+          + (f', e.g. {smallest}' if smallest else ''))
+
+
 def first_line(e: BaseException) -> str:
   return ' '.join(str(e).split())[:200]
 
