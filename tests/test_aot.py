@@ -87,8 +87,11 @@ def test_bad_input_one_line_exit_2(capsys):
 def test_a_program_above_90_percent_of_hbm_names_a_topology():
   chip = aot.Chip(16e9, 197e12, 819e9)
   big = aot.Result('dpo_step', 'train', memory=aot.Memory(argument=10e9, output=5e9, alias=5e9, temp=5e9, code=0))
-  with pytest.raises(aot.PlanError, match=r'dpo_step needs 15.0 GB .* at least ~5 devices'):
+  with pytest.raises(aot.PlanError, match=r'dpo_step needs 15.0 GB .* at least ~5 devices') as e:
     aot.check_fits([big], chip, 4, 'v5e:2x2')
+  assert 'e.g. v5litepod-8' in str(e.value)  # The smallest slice of that generation with 5+ chips.
+  # v5p-32 lists 16 devices (chips); 20 needed -> v5p-64 (32 chips), 40 -> v5p-128 (64).
+  assert aot.fit_hint('v5p-32', 16, 20).endswith('e.g. v5p-64') and aot.fit_hint('v5p-32', 16, 40).endswith('e.g. v5p-128')
   aot.check_fits([big], aot.Chip(95e9, 459e12, 2765e9), 16, 'v5p:2x2x4')
 
 

@@ -110,7 +110,7 @@ EXPECTED_SPECS = {
     'layers_0/input_layernorm/scale': P(),
     'layers_0/post_attention_layernorm/scale': P(),
     'norm/scale': P(),
-    'lm_head/kernel': P('fsdp', 'tensor'),
+    'lm_head/kernel': P(None, ('tensor', 'fsdp')),  # Vocabulary-split head.
 }
 
 
@@ -375,7 +375,8 @@ def test_sharded_kv_cache_prefill(devices8):
 
 
 def test_init_sharded_and_host_helpers(devices8):
-  assert devices8['init_sharded_specs'] == sorted(map(str, {P(), P('tensor', 'fsdp'), P('fsdp', 'tensor')}))
+  assert devices8['init_sharded_specs'] == sorted(map(str, {P(), P('tensor', 'fsdp'), P('fsdp', 'tensor'),
+                                                                     P(None, ('tensor', 'fsdp'))}))
   assert devices8['host_global'] == dict(rows=[0, 16], spec=str(P(('data', 'fsdp'), None)), roundtrip=True)
 
 

@@ -11,15 +11,17 @@ of (params, cache, tokens).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional, Union
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+
+# Re-exported: callers import these from the model module.
+from pilaf_jax.model.layer_stacking import is_stacked, stack_layer_params, unstack_layer_params  # noqa: F401
+from pilaf_jax.model.rotary import apply_rotary, rotary_inv_freq
 
 
 CHECKPOINT_FIELDS = ('checkpoint', 'reference_checkpoint')  # config.model fields that name files.
@@ -126,46 +128,6 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
-
-
-def rotary_inv_freq(cfg: LlamaConfig, head_dim: int) -> np.ndarray:
-  """Inverse rotary frequencies [head_dim / 2] (float32), with Llama 3.1 scaling when configured.
-
-  Computed in numpy at trace time, so it is a constant of the compiled program. Follows transformers'
-  `_compute_llama3_parameters`: long wavelengths are divided by the factor, short ones kept, and the
-  band between is interpolated.
-  """
-  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-  inv_freq = inv_freq.astype(np.float32)
-  if cfg.rope_scaling == 'llama3':
-    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-    old_len = cfg.rope_original_max_position
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
-  return inv_freq
-
-
-def apply_rotary(x: jax.Array, positions: jax.Array, theta: float | np.ndarray) -> jax.Array:
-  """Half-split rotary embedding. x: [B, T, H, D], positions: [B, T].
-
-  theta: the base (plain rotary), or the inverse frequencies [D / 2] from rotary_inv_freq.
-  """
-  d = x.shape[-1]
-  if np.ndim(theta) == 0:
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  else:
-    inv_freq = jnp.asarray(theta, jnp.float32)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -392,36 +354,3 @@ def init_params(cfg: LlamaConfig, rng: jax.Array) -> dict:
 
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
-
-
-def _layer_index(name: str) -> Optional[int]:
-  if name.startswith('layers_') and name[len('layers_'):].isdigit():
-    return int(name[len('layers_'):])
-  return None
-
-
-def is_stacked(params: Any) -> bool:
-  """Whether params (or anything shaped like them: shardings, specs) are in the scanned layout."""
-  return isinstance(params, dict) and 'layers' in params
-
-
-def stack_layer_params(params: Any) -> dict:
-  """Per-layer params (`layers_0` ... `layers_{L-1}`) -> the scanned layout (`layers`, every leaf
-  with a leading [L] axis). Other entries (embedding, final norm, heads) are kept as they are."""
-  layers = sorted((i, k) for k in params if (i := _layer_index(k)) is not None)
-  if [i for i, _ in layers] != list(range(len(layers))) or not layers:
-    raise ValueError(f'expected params layers_0 ... layers_N, got {sorted(params)}.')
-  out = {k: v for k, v in params.items() if _layer_index(k) is None}
-  out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for _, k in layers])
-  return out
-
-
-def unstack_layer_params(params: Any) -> dict:
-  """The scanned layout (`layers`, leading [L] axis) -> per-layer params `layers_0` ... ."""
-  if not is_stacked(params):
-    raise ValueError(f'expected scanned params with a "layers" entry, got {sorted(params)}.')
-  num_layers = jax.tree.leaves(params['layers'])[0].shape[0]
-  out = {k: v for k, v in params.items() if k != 'layers'}
-  for i in range(num_layers):
-    out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['layers'])
-  return out

@@ -4,7 +4,8 @@ Parameters are matched by regex against their '/'-joined path (`layers_3/mlp/dow
 the first matching rule gives the PartitionSpec. Kernels are [in, out] (Flax Dense), so the
 Megatron layout is:
 
-  column-parallel  q/k/v, gate/up, lm_head:   [d, out] -> ('fsdp', 'tensor')
+  column-parallel  q/k/v, gate/up:            [d, out] -> ('fsdp', 'tensor')
+  output head      lm_head                    [d, V]   -> (None, ('tensor', 'fsdp'))
   row-parallel     o_proj, down_proj:         [in, d]  -> ('tensor', 'fsdp')
   embedding        [vocab, d]                          -> ('tensor', 'fsdp')
   norms, biases    replicated (a few KB per layer)
@@ -41,7 +42,11 @@ LLAMA_RULES: Rules = (
     (r'/self_attn/o_proj/kernel$', P('tensor', 'fsdp')),
     (r'/mlp/(gate_proj|up_proj)/kernel$', P('fsdp', 'tensor')),
     (r'/mlp/down_proj/kernel$', P('tensor', 'fsdp')),
-    (r'(^|/)lm_head/kernel$', P('fsdp', 'tensor')),
+    # The output head is split on the vocabulary only: each chip then computes its rows' logits for
+    # its vocabulary slice, and the head's weight gradient stays split. Split on d (the
+    # column-parallel rule above), XLA materialised the whole batch's logit gradients on every
+    # chip: the DPO step on v5p-32 needed 49.9 GB per chip instead of 28.2 (docs/scale_out.md).
+    (r'(^|/)lm_head/kernel$', P(None, ('tensor', 'fsdp'))),
     # Reward-model head [d, num_labels]: num_labels is tiny (often 1), so only d is split.
     (r'(^|/)score/kernel$', P('fsdp', None)),
     # Replicated: every device needs all of a norm, and biases are tiny.

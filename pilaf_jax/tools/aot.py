@@ -20,7 +20,7 @@ program: they come from loop-free variants (layers unrolled, scan_layers off), c
 2 layers and extrapolated linearly to the config's depth; a decode loop is compiled with 1 and 2
 unrolled steps and extrapolated to response_len steps. Memory comes from the real program.
 
-GPU targets cannot be compiled on a machine without a GPU with jax 0.10.2 (see GPU_UNSUPPORTED).
+GPU targets cannot be compiled on a machine without a GPU with jax 0.10.2 (see tpu_topology.GPU_UNSUPPORTED).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # Compile-only: no accelerator is used (or probed).
 # libtpu takes a machine-wide lock for the TPU it drives; compiling touches none, so several
@@ -41,108 +41,12 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from pilaf_jax.model.llama import LlamaConfig
-from pilaf_jax.parallel import mesh as mesh_lib
 from pilaf_jax.tools import programs as programs_lib
+from pilaf_jax.tools.tpu_topology import (Chip, PlanError, chip_of, first_line, fit_hint, make_mesh,
+                                         topology_devices)
 
 GB = 1e9
 FIT_FRACTION = 0.9  # A program must leave 10% of HBM free (fragmentation, runtime buffers).
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Per-device figures (public spec sheets). A device is one chip, except where the compiler's
-  topology lists each TensorCore as a device (v4 here: no megacore), where it is half a chip."""
-  hbm_bytes: float
-  bf16_flops: float  # Peak bf16 FLOP/s.
-  hbm_bandwidth: float  # Bytes/s.
-
-
-CHIPS = {  # jax device_kind -> per-chip figures.
-    'TPU v5': Chip(95e9, 459e12, 2765e9),  # v5p
-    'TPU v5 lite': Chip(16e9, 197e12, 819e9),  # v5e
-    'TPU v4': Chip(32e9, 275e12, 1228e9),
-    'TPU v6 lite': Chip(32e9, 918e12, 1640e9),  # v6e (Trillium)
-}
-
-# Cloud accelerator types -> compiler topologies. v5p and v4 names count TensorCores (2 per chip).
-ACCELERATOR_TYPES = {
-    **{f'v5p-{2 * math.prod(s)}': 'v5p:' + 'x'.join(map(str, s))
-       for s in ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8))},
-    **{f'v4-{2 * math.prod(s)}': 'v4:' + 'x'.join(map(str, s))
-       for s in ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4))},
-    **{f'v5litepod-{math.prod(s)}': 'v5e:' + 'x'.join(map(str, s))
-       for s in ((2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))},
-    **{f'v6e-{math.prod(s)}': 'v6e:' + 'x'.join(map(str, s))
-       for s in ((2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))},
-}
-
-GPU_UNSUPPORTED = (
-    "GPU targets cannot be compiled on a machine without a GPU with jax 0.10.2: "
-    "jax.experimental.topologies.get_topology_desc('1x8', 'cuda') raises NotImplementedError "
-    "('topology not implemented for cuda'), and with the CUDA plugin installed "
-    "(jax-cuda12-plugin/pjrt 0.10.2) JaxRuntimeError ('FAILED_PRECONDITION: No visible GPU devices.'). "
-    'Plan GPU runs with python -m pilaf_jax.tools.memory_report.')
-
-
-class PlanError(ValueError):
-  """A bad topology, a config that does not fit it, or a batch that does not split over it."""
-
-
-def topology_name(name: str) -> str:
-  """The compiler's topology name for a cloud accelerator type ('v5p-32') or a topology ('v5p:2x2x4')."""
-  return ACCELERATOR_TYPES.get(name, name)
-
-
-def _known() -> str:
-  return ', '.join(f'{k} ({v})' for k, v in ACCELERATOR_TYPES.items() if k in (
-      'v5p-32', 'v5p-64', 'v4-64', 'v5litepod-16', 'v5litepod-64', 'v6e-16'))
-
-
-def topology_devices(name: str) -> list:
-  """The devices of a TPU topology (no TPU needed). Raises PlanError for an unknown name."""
-  if name.lower().startswith(('cuda', 'gpu', 'h100', 'a100', 'h200', 'b200')):
-    raise PlanError(f'--topology={name}: {GPU_UNSUPPORTED}')
-  try:
-    from jax.experimental import topologies
-    import libtpu  # noqa: F401  pylint: disable=unused-import
-  except ImportError:
-    raise PlanError("compiling for TPU needs the TPU compiler: pip install -e '.[aot]' "
-                    "(jax[tpu], which brings libtpu).") from None
-  try:
-    return list(topologies.get_topology_desc(platform='tpu', topology_name=topology_name(name)).devices)
-  except Exception as e:  # pylint: disable=broad-except  (the compiler's error types vary)
-    raise PlanError(f'--topology={name} is not a TPU topology the compiler knows ({_first_line(e)}); '
-                    f'use a cloud accelerator type or a topology, e.g. {_known()}.') from None
-
-
-def _first_line(e: BaseException) -> str:
-  return ' '.join(str(e).split())[:200]
-
-
-def chip_of(devices: Sequence[Any]) -> Chip:
-  """Per-device figures of a topology's devices (half a chip where each TensorCore is a device)."""
-  kind = devices[0].device_kind
-  if kind not in CHIPS:
-    raise PlanError(f'No HBM/FLOP figures for {kind!r}; add them to pilaf_jax.tools.aot.CHIPS.')
-  chip = CHIPS[kind]
-  cores = 1 + max(getattr(d, 'core_on_chip', 0) for d in devices)
-  return Chip(chip.hbm_bytes / cores, chip.bf16_flops / cores, chip.hbm_bandwidth / cores)
-
-
-def make_mesh(config, devices: Sequence[Any]):
-  """The run's mesh over the topology's devices; PlanError (saying what to change) when the mesh or
-  a batch does not fit the chip count."""
-  n = len(devices)
-  try:
-    mesh = mesh_lib.make_mesh(config.mesh, devices)
-    for field in ('dpo.batch_size', 'sft.batch_size', 'eval.batch_size'):
-      section, name = field.split('.')
-      mesh_lib.check_batch_divisible(config[section][name], mesh, field)
-  except ValueError as e:
-    raise PlanError(f'{_first_line(e)} Use a topology whose {n} devices divide the batch sizes, or '
-                    f'change the batch sizes or config.mesh.') from None
-  return mesh
-
 
 # --- Compiling and reading the compiler's figures ---
 
@@ -201,13 +105,23 @@ def replicated_arrays(program: programs_lib.Program, lowered, compiled, min_byte
   return found
 
 
-def compile_program(program: programs_lib.Program):
+# For the loop-free cost variants only. XLA:TPU turns an FSDP all-gather (or reduce-scatter) next to
+# a matmul into a 'windowed einsum': a while loop over the shards, whose body cost_analysis counts
+# once. Measured on a 1-layer model over 16 v5p chips: with them 2.96x a forward pass's FLOPs are
+# counted for a rematerialised forward + backward (really 3.78x, as with replicated weights); off,
+# 3.78x, loop-free, and the cost-model time barely moves (3.04 -> 2.77 ms).
+COST_COMPILER_OPTIONS = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
+                         'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False}
+
+
+def compile_program(program: programs_lib.Program, compiler_options: Optional[dict] = None,
+                    topology: str = ''):
   """(lowered, compiled, seconds). A program that does not fit makes the TPU compiler fail: PlanError,
   naming how many devices would hold it (the sharded state and rows scale with 1/devices)."""
   start = time.time()
   try:
     lowered = program.lower()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=compiler_options)
   except Exception as e:  # pylint: disable=broad-except
     text = str(e)
     if 'RESOURCE_EXHAUSTED' in text or 'Ran out of memory' in text:
@@ -216,9 +130,8 @@ def compile_program(program: programs_lib.Program):
       if found:
         devices = len(jax.tree.leaves(program.args)[0].sharding.device_set)
         need = math.ceil(devices * float(found.group(1)) / (FIT_FRACTION * float(found.group(2))))
-        hint = (f' Use a topology with at least ~{need} devices (now {devices}), or shrink dpo.batch_size '
-                '/ the task lengths.')
-      raise PlanError(f'{program.name} does not fit in HBM: {_first_line(e).rstrip(".")}.{hint}') from None
+        hint = f' {fit_hint(topology, devices, need).capitalize()}, or shrink dpo.batch_size / the task lengths.'
+      raise PlanError(f'{program.name} does not fit in HBM: {first_line(e).rstrip(".")}.{hint}') from None
     raise
   return lowered, compiled, time.time() - start
 
@@ -243,7 +156,7 @@ def extrapolated_costs(config, mesh, cfg: LlamaConfig, only: Optional[set[str]] 
       for p in built:
         if unroll == 2 and p.kind != programs_lib.DECODE:
           continue
-        _, compiled, seconds = compile_program(p)
+        _, compiled, seconds = compile_program(p, COST_COMPILER_OPTIONS)
         costs[(p.name, layers, unroll)] = cost_of(compiled)
         kinds[p.name] = p
         log(f'  cost: {p.name}, {layers} layer(s){f", {unroll} decode step(s)" if p.kind == programs_lib.DECODE else ""}: '
@@ -313,7 +226,7 @@ def analyse(config, topology: str, *, layers: int = 0, only: Optional[set[str]] 
   results = {}
   if memory:
     for p in programs_lib.build_programs(config, mesh, cfg, only=only):
-      lowered, compiled, seconds = compile_program(p)
+      lowered, compiled, seconds = compile_program(p, topology=topology)
       log(f'  memory: {p.name} compiled in {seconds:.0f} s')
       results[p.name] = Result(p.name, p.kind, seconds, memory_of(compiled), tokens=p.tokens,
                                model_flops=p.model_flops,
@@ -368,7 +281,7 @@ def check_fits(results: list[Result], chip: Chip, devices: int, topology: str) -
       need = math.ceil(devices * r.memory.peak / (FIT_FRACTION * chip.hbm_bytes))
       raise PlanError(
           f'{r.name} needs {r.memory.peak / GB:.1f} GB per device, above {FIT_FRACTION:.0%} of the '
-          f'{chip.hbm_bytes / GB:.0f} GB of HBM on {topology}: use a topology with at least ~{need} devices '
+          f'{chip.hbm_bytes / GB:.0f} GB of HBM on {topology}: {fit_hint(topology, devices, need)} '
           f'(the sharded state scales with 1/devices), or shrink dpo.batch_size / task lengths, or turn on '
           f'model.remat.')
 
