@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:
-  from pilaf_jax.model.llama import LlamaConfig
 
-
-def rotary_inv_freq(cfg: LlamaConfig, head_dim: int) -> np.ndarray:
+def rotary_inv_freq(cfg, head_dim: int) -> np.ndarray:
   """Inverse rotary frequencies [head_dim / 2] (float32), with Llama 3.1 scaling when configured.
+
+  cfg: a LlamaConfig (rope_theta and the rope_scaling fields; not imported here: llama imports this).
 
   Computed in numpy at trace time, so it is a constant of the compiled program. Follows transformers'
   `_compute_llama3_parameters`: long wavelengths are divided by the factor, short ones kept, and the
