@@ -62,7 +62,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'model.rope_scaling={c.model.rope_scaling!r} is unknown; allowed: {list(ROPE_SCALINGS)}.')
   _require(c.oracle.reward in ORACLE_REWARDS,
            f'oracle.reward={c.oracle.reward!r} is unknown; allowed: {list(ORACLE_REWARDS)}.')
-  if c.task.name == 'synthetic':
+  if c.task.name in ('synthetic', 'rare'):  # Tasks that train their own reference.
     _require(c.task.vocab_size >= 4, f'task.vocab_size={c.task.vocab_size} must be >= 4 '
              '(PAD, BOS, EOS and at least one content token).')
     _require(c.model.vocab_size == c.task.vocab_size,

@@ -293,6 +293,8 @@ class Experiment:
     if (self.task.reference_source == REFERENCE_CHECKPOINT and c.model.reference_checkpoint
         and c.model.reference_checkpoint != c.model.checkpoint):
       return load_params(c.model.checkpoint, self.model.cfg, self.placement.params)
+    if hasattr(self.task, 'initial_policy'):  # A task may start the policy away from the reference.
+      return self.task.initial_policy(self.model, ref_params, self.placement)
     return ref_params
 
   # --- labelled data ---

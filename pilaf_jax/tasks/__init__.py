@@ -2,6 +2,7 @@
 and the oracle's reward. `Task` (base.py) is the interface; the registry maps task.name to a builder.
 
   synthetic  the embedded hidden world (no downloads, CPU, minutes); the reference is SFT'd here.
+  rare       enumerable; the best responses rare under the reference; a warm start (tasks/rare.py).
   chat       real text: a chat model from a checkpoint, prompts from a dataset (HH-RLHF through
              tensorflow-datasets, or a JSONL file), a reward model or an LLM judge as the oracle.
 """
@@ -11,6 +12,7 @@ from typing import Callable
 
 import jax
 
+from pilaf_jax.tasks import rare
 from pilaf_jax.tasks.base import (EVAL, REFERENCE_CHECKPOINT, REFERENCE_SFT, SPLITS, TRAIN, Task)
 from pilaf_jax.tasks.synthetic import (BOS, EOS, PAD, SyntheticTask, SyntheticTaskConfig, SyntheticWorld,
                                        make_world, oracle_reward, sample_behaviour, sample_prompts)
@@ -26,7 +28,7 @@ def _chat(config, run_key: jax.Array, placement, workdir: str) -> Task:
   return build_chat_task(config, run_key, placement, workdir)
 
 
-TASKS: dict[str, Callable[..., Task]] = {'synthetic': _synthetic, 'chat': _chat}
+TASKS: dict[str, Callable[..., Task]] = {'synthetic': _synthetic, 'chat': _chat, 'rare': rare.build}
 
 
 def make_task(config, run_key: jax.Array, placement=None, workdir: str = '') -> Task:
