@@ -19,7 +19,7 @@ def get_config():
   c.sampler.name = 't_pilaf_half'
   c.sft.steps = 300
   c.dpo.update(batch_size=32, learning_rate=3e-4)
-  c.online.steps = 40
-  c.eval.update(every_steps=20, num_prompts=512, batch_size=512)
-  c.checkpoint.every_steps = 20
+  c.online.steps = 16  # 512 labels: the map's predictions are local (first order at the start).
+  c.eval.update(every_steps=8, num_prompts=512, batch_size=512)
+  c.checkpoint.every_steps = 8
   return c
