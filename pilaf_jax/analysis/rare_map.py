@@ -77,7 +77,7 @@ def plot_map(cells: list[dict], betas, scales, lambdas, path_prefix: str) -> lis
   import matplotlib.pyplot as plt
   paths = []
   for name in VARIANTS:
-    fig, axes = plt.subplots(1, len(betas), figsize=(3.3 * len(betas), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(betas), figsize=(3.9 * len(betas), 3.6), squeeze=False)
     for ax, beta in zip(axes[0], betas):
       grid = np.full((len(lambdas), len(scales)), np.nan)
       kl = np.full(len(scales), np.nan)
@@ -91,10 +91,11 @@ def plot_map(cells: list[dict], betas, scales, lambdas, path_prefix: str) -> lis
       for i in range(len(lambdas)):
         for j in range(len(scales)):
           ax.text(j, i, f'{2 ** grid[i, j]:.2g}', ha='center', va='center', fontsize=7)
-      ax.set_xticks(range(len(scales)), [f'{s:g}\nKL*={k:.1f}' for s, k in zip(scales, kl)], fontsize=7)
+      ax.set_xticks(range(len(scales)), [f'{s:g}\n({k:.1f})' for s, k in zip(scales, kl)], fontsize=7)
       ax.set_yticks(range(len(lambdas)), [f'{l:g}' for l in lambdas], fontsize=7)
-      ax.set_xlabel('reward scale (KL(pi*||pi_ref))', fontsize=8)
-      ax.set_ylabel('start lambda (0 = pi_ref, 1 = pi*)', fontsize=8)
+      ax.set_xlabel('reward scale (KL(pi* || pi_ref))', fontsize=8)
+      if ax is axes[0][0]:
+        ax.set_ylabel('start lambda (0 = pi_ref, 1 = pi*)', fontsize=8)
       ax.set_title(f'beta = {beta:g}', fontsize=9)
     fig.suptitle(f'{name}: predicted J gain per label / vanilla\'s (exact, tabular; blue > 1)', fontsize=10)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label='log2 ratio')
@@ -119,6 +120,7 @@ def main(argv=None) -> None:
   p.add_argument('--scales', default='0.5,1,2,4')
   p.add_argument('--lambdas', default='0,0.25,0.5,0.75,0.9')
   p.add_argument('--good_prob', type=float, default=0.05)
+  p.add_argument('--replot', action='store_true', help='Redraw the heat maps from <out>/map.json.')
   a = p.parse_args(argv)
   betas, scales, lambdas = _floats(a.betas), _floats(a.scales), _floats(a.lambdas)
   if not (betas and scales and lambdas) or min(betas) <= 0 or min(scales) <= 0 \
@@ -126,6 +128,12 @@ def main(argv=None) -> None:
     print('error: betas and scales must be > 0, lambdas in [0, 1], good_prob in (0, 1).', file=sys.stderr)
     sys.exit(2)
   os.makedirs(a.out, exist_ok=True)
+  if a.replot:
+    with open(os.path.join(a.out, 'map.json')) as f:
+      cells = json.load(f)['cells']
+    for path in plot_map(cells, betas, scales, lambdas, os.path.join(a.out, 'map')):
+      print(f'Wrote {path}')
+    return
   cells = build_map(betas, scales, lambdas, a.good_prob)
   with open(os.path.join(a.out, 'map.json'), 'w') as f:
     json.dump({'command': ' '.join(['python -m pilaf_jax.analysis.rare_map'] + (argv or sys.argv[1:])),
