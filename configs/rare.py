@@ -18,7 +18,7 @@ def get_config():
   c.model.update(vocab_size=6, hidden_size=64, intermediate_size=128)
   c.sampler.name = 't_pilaf_half'
   c.sft.steps = 300
-  c.dpo.update(batch_size=32, learning_rate=3e-4)
+  c.dpo.update(batch_size=32, learning_rate=3e-3)  # Vanilla: J 1.05 -> 1.53 of J* 1.90 in 512 labels (win point).
   c.online.steps = 16  # 512 labels: the map's predictions are local (first order at the start).
   c.eval.update(every_steps=8, num_prompts=512, batch_size=512)
   c.checkpoint.every_steps = 8

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Optional
 
 import jax
@@ -167,8 +168,9 @@ class RareTask:
 
   reference_source = REFERENCE_SFT
 
-  def __init__(self, cfg: RareTaskConfig, run_key: jax.Array):
+  def __init__(self, cfg: RareTaskConfig, run_key: jax.Array, cache_dir: str = ''):
     self.cfg = cfg
+    self.cache_dir = cache_dir  # Where the warm start is kept once fitted ('' = not kept).
     self.prompt_len, self.response_len = cfg.prompt_len, cfg.response_len
     self.pad_id, self.eos_ids, self.bos_id = PAD, (EOS,), BOS
     self._allowed = np.arange(cfg.vocab_size) >= EOS
@@ -234,6 +236,46 @@ class RareTask:
     cfg = self.cfg
     if cfg.start_lambda == 0 or cfg.start_steps == 0:
       return ref_params
+    cached = self._cached_start(ref_params)
+    if cached is not None:
+      params = cached
+    else:
+      params = self._fit_start(model, ref_params)
+      self._save_start(params)
+    if placement is not None:
+      params = jax.device_put(params, placement.params)
+    return params
+
+  def _cache_path(self) -> str:
+    if not self.cache_dir or '://' in self.cache_dir:
+      return ''
+    c = self.cfg
+    key = f'{c.start_lambda:g}_{c.start_steps}_{c.start_learning_rate:g}_{c.reward_scale:g}_{c.beta:g}'
+    return os.path.join(self.cache_dir, 'warm_start', key + '.npz')
+
+  def _cached_start(self, ref_params) -> Optional[dict]:
+    """The fitted start kept beside the reference it was fitted from (the fit is deterministic)."""
+    path = self._cache_path()
+    if not path or not os.path.exists(path):
+      return None
+    with np.load(path) as f:
+      leaves = [f[f'leaf{i}'] for i in range(len(f.files))]
+    ref_leaves, treedef = jax.tree.flatten(ref_params)
+    if [x.shape for x in leaves] != [x.shape for x in ref_leaves]:
+      return None
+    return jax.tree.unflatten(treedef, [jnp.asarray(x, r.dtype) for x, r in zip(leaves, ref_leaves)])
+
+  def _save_start(self, params) -> None:
+    path = self._cache_path()
+    if not path or jax.process_index() != 0:
+      return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, **{f'leaf{i}': np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))})
+    os.replace(tmp, path)
+
+  def _fit_start(self, model, ref_params) -> dict:
+    cfg = self.cfg
     from pilaf_jax.model.scoring import response_logprobs
     from pilaf_jax.sampling.samplers import enumerate_responses
     tokens, mask = enumerate_responses(self._allowed, EOS, PAD, cfg.response_len)
@@ -256,11 +298,12 @@ class RareTask:
     params, opt_state = ref_params, tx.init(ref_params)
     for _ in range(cfg.start_steps):
       params, opt_state, _ = step(params, opt_state)
-    if placement is not None:
-      params = jax.device_put(params, placement.params)
     return params
 
 
 def build(config, run_key: jax.Array, placement=None, workdir: str = '') -> RareTask:
-  del placement, workdir
-  return RareTask(RareTaskConfig.from_config(config), run_key)
+  """The task; its warm start is kept beside the run's reference (shared by a study's runs)."""
+  del placement
+  reference = config.sft.init_checkpoint if 'sft' in config and config.sft.init_checkpoint else (
+      os.path.join(workdir, 'reference') if workdir else '')
+  return RareTask(RareTaskConfig.from_config(config), run_key, reference)
