@@ -94,9 +94,9 @@ def test_bad_fields_fail_early(fields, message):
     TASKS['rare'](c, jax.random.key(0))
 
 
-def test_warm_start_fits_the_tilted_policy():
+def test_warm_start_fits_the_tilted_policy(tmp_path):
   c = _config(start_lambda=0.6, start_steps=150, start_learning_rate=1e-2, reward_scale=2.0)
-  task = TASKS['rare'](c, jax.random.key(0))
+  task = rare.RareTask(rare.RareTaskConfig.from_config(c), jax.random.key(0), str(tmp_path))
   model = Llama(LlamaConfig(vocab_size=6, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                             num_kv_heads=1))
   ref = init_params(model.cfg, jax.random.key(3))
@@ -114,7 +114,11 @@ def test_warm_start_fits_the_tilted_policy():
   kl = lambda lp: float(np.mean(np.sum(np.exp(target) * (target - lp), -1)))
   start = task.initial_policy(model, ref)
   assert kl(logp(ref)) > 0.3 and kl(logp(start)) < 0.05 * kl(logp(ref)), (kl(logp(ref)), kl(logp(start)))
-  assert task.initial_policy(model, ref) is not ref
+  # Kept beside the reference: a second call reads the same parameters back.
+  assert len(list((tmp_path / 'warm_start').iterdir())) == 1
+  again = task.initial_policy(model, ref)
+  for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   at_ref = TASKS['rare'](_config(start_lambda=0.0), jax.random.key(0)).initial_policy(model, ref)
   assert at_ref is ref
 
