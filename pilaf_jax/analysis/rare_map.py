@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from pilaf_jax.analysis import price
+from pilaf_jax.analysis import price, theory
 from pilaf_jax.sampling.samplers import enumerate_responses
 from pilaf_jax.tasks import rare
 
@@ -50,6 +50,7 @@ def cell(beta: float, reward_scale: float, start_lambda: float, good_prob: float
   star = _log_softmax(ref + r / beta)
   out = price.tabular_measure(start, ref, r, tokens, mask, beta)
   out.update(beta=beta, reward_scale=reward_scale, start_lambda=start_lambda, good_prob=good_prob,
+             J_star=theory.optimum(ref, r, beta),
              kl_start_ref=_kl(start, ref), kl_star_start=_kl(star, start), kl_start_star=_kl(start, star), kl_star_ref=_kl(star, ref),
              reward_sd_ref=float(np.mean(np.sqrt(np.sum(np.exp(ref) * r ** 2, -1)
                                                  - np.sum(np.exp(ref) * r, -1) ** 2))))
