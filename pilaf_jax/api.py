@@ -47,7 +47,7 @@ PairSampler = Callable[..., PairBatch]  # fn(policy_params, ref_params, prompts,
 
 
 def available_samplers() -> list[str]:
-  """The registered sampler names: 'best_of_n', 'hybrid', 'pilaf', 't_pilaf', 'vanilla'."""
+  """The registered sampler names: 'best_of_n', 'hybrid', 'pilaf', 't_pilaf', 't_pilaf_half', 'vanilla'."""
   return sorted(SAMPLERS)
 
 
@@ -112,7 +112,8 @@ def make_pair_sampler(policy: Llama, ref: Llama, *, sampler: str = 'pilaf', beta
     'hybrid'     y_a from pi_theta, y_b from pi_ref;
     'best_of_n'  the highest and lowest DPO implicit reward of `best_of_n` policy samples;
     't_pilaf'    the exact sequence-level PILAF; enumerates every response, so only for tiny tasks
-                 (needs allowed_tokens; at most `max_enumerated_responses` responses per prompt).
+                 (needs allowed_tokens; at most `max_enumerated_responses` responses per prompt);
+    't_pilaf_half'  t_pilaf's pi_plus x pi_minus with the practical coin (`vanilla_fraction`).
   beta: the PILAF mixing strength (use your DPO beta). max_new_tokens: R, the response length;
   responses stop at any of eos_ids (EOS is kept in the mask) and are padded with pad_id.
   allowed_tokens: optional [V] bool numpy mask of the tokens a response may contain (applied when

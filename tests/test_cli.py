@@ -18,7 +18,7 @@ def _main(*args, workdir):
 
 @pytest.mark.parametrize('args,expected', [
     (['--config.sampler.nam=pilaf'], '--config.sampler.nam is not a config field (did you mean "name"'),
-    (['--config.sampler.name=foo'], "sampler.name='foo' is unknown; allowed: ['best_of_n', 'hybrid', 'pilaf', 't_pilaf', 'vanilla']"),
+    (['--config.sampler.name=foo'], "sampler.name='foo' is unknown; allowed: ['best_of_n', 'hybrid', 'pilaf', 't_pilaf', 't_pilaf_half', 'vanilla']"),
     (['--config.beta=0'], 'beta=0.0 must be > 0'),
     (['--config.beta=-0.1'], 'beta=-0.1 must be > 0'),
     (['--config.oracle.label_rule=human'], "oracle.label_rule='human' is unknown; allowed: ['bradley_terry', 'deterministic']"),

@@ -33,7 +33,8 @@ R, B, BETA = 3, 6, 0.5
 SETTINGS = dict(max_new_tokens=R, eos_ids=EOS, pad_id=PAD, allowed_tokens=TINY_ALLOWED)
 SOURCES = {'vanilla': {(POLICY, POLICY)}, 'best_of_n': {(POLICY, POLICY)}, 'hybrid': {(POLICY, REFERENCE)},
            'pilaf': {(POLICY, POLICY), (PI_PLUS, PI_MINUS)},
-           't_pilaf': {(POLICY, POLICY), (PI_PLUS, PI_MINUS)}}
+           't_pilaf': {(POLICY, POLICY), (PI_PLUS, PI_MINUS)},
+           't_pilaf_half': {(POLICY, POLICY), (PI_PLUS, PI_MINUS)}}
 
 
 # --- 1. the example ---------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def test_inside_your_own_jit(models):
 
 @pytest.mark.parametrize('kwargs, error, match', [
     (dict(sampler='pilaff'), ValueError,
-     r"sampler='pilaff' is unknown; allowed: \['best_of_n', 'hybrid', 'pilaf', 't_pilaf', 'vanilla'\]"),
+     r"sampler='pilaff' is unknown; allowed: \['best_of_n', 'hybrid', 'pilaf', 't_pilaf', 't_pilaf_half', 'vanilla'\]"),
     (dict(sampler=None), ValueError, 'sampler=None is unknown'),
     (dict(beta=0.0), ValueError, 'beta=0.0 must be a number > 0'),
     (dict(beta=-1), ValueError, 'beta=-1'),

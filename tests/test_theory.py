@@ -9,6 +9,11 @@
    gradients, averaged over many sampled and Bradley-Terry-labelled pairs, agree with the exact
    population gradient within their error bars (along the exact direction and a random one), and
    their mean squared norm agrees with the exact E||g||^2.
+3. The price (analysis/price.py): the component of the per-pair gradient along grad J (mean a and
+   variance s^2, hence n1) against the real samplers; log Z+ Z- and sd_pi(r_theta), sd_pi(r* - r_theta)
+   against samples of the real vanilla sampler; the token-level PILAF tables built from prefix masses
+   against the network's own token mixture; the tabular map model against brute force and finite
+   differences.
 """
 import dataclasses
 import itertools
@@ -181,7 +186,7 @@ def _pair_args(labelled: PreferenceBatch):
           labelled.a_preferred)
 
 
-@pytest.mark.parametrize('name', ['vanilla', 'pilaf', 'hybrid', 't_pilaf', 'best_of_n'])
+@pytest.mark.parametrize('name', ['vanilla', 'pilaf', 'hybrid', 't_pilaf', 't_pilaf_half', 'best_of_n'])
 def test_population_gradient_matches_the_real_sampler(lab, per_pair, name):
   lab, pp, rp = lab
   ctx = lab.ctx
@@ -225,3 +230,115 @@ def test_measure_reports_every_sampler(lab):
   at_ref = lab.measure(rp, rp, variance=False)['samplers']
   for name in ('pilaf', 't_pilaf', 'best_of_n'):
     assert abs(at_ref[name]['cosine'] - at_ref['vanilla']['cosine']) < 1e-4, name
+
+
+# --- 3. the price: a, s^2, n1, the policy state, the tabular model ---------------------------------
+
+from pilaf_jax.analysis import price  # noqa: E402
+
+
+def _unit(tree):
+  n = np.sqrt(sum(float(jnp.sum(x ** 2)) for x in jax.tree.leaves(tree)))
+  return jax.tree.map(lambda x: x / n, tree)
+
+
+@pytest.mark.parametrize('name', ['vanilla', 'pilaf', 't_pilaf_half'])
+def test_price_along_grad_j_matches_the_real_sampler(lab, per_pair, name):
+  lab, pp, rp = lab
+  measured = price.lab_price(lab, pp, rp, [name])['samplers'][name]
+  u = _unit(lab.population_gradients(pp, rp, [name])['grad_J'])
+  pairs = make_sampler(name, lab.ctx)(pp, rp, lab.prompts.repeat(M // 2), jax.random.key(21))
+  ids = np.asarray(pairs.prompts.ids)
+  resp = [response_ids(np.asarray(pairs.responses[:, i]), lab.tokens) for i in (0, 1)]
+  rewards = np.stack([lab.rewards[ids, resp[0]], lab.rewards[ids, resp[1]]], 1)
+  labelled = PreferenceBatch(pairs, make_label_rule('bradley_terry')(jnp.asarray(rewards), jax.random.key(22)))
+  # Ascent = minus the loss gradient: its component along grad J per pair.
+  along = -np.asarray(per_pair['jvp'](pp, u, _pair_args(labelled)), np.float64)
+  mean, var = along.mean(), along.var(ddof=1)
+  se_mean = np.sqrt(var / M)
+  se_var = np.sqrt(max(np.mean((along - mean) ** 4) - var ** 2, 0) / M)
+  assert abs(mean - measured['along_J']) < Z * se_mean, (name, mean, measured['along_J'], se_mean)
+  assert abs(var - measured['variance_along_J']) < Z * se_var, (name, var, measured['variance_along_J'], se_var)
+  assert measured['labels_for_snr1_along_J'] == pytest.approx(measured['variance_along_J'] / measured['along_J'] ** 2)
+
+
+def test_policy_state_matches_samples_of_the_real_sampler(lab):
+  lab, pp, rp = lab
+  d = lab.distributions(pp, rp, with_pilaf=False)
+  state = price.policy_state(d['policy'], d['ref'], lab.rewards, BETA)
+  pairs = make_sampler('vanilla', lab.ctx)(pp, rp, lab.prompts.repeat(M // 2), jax.random.key(23))
+  ids = np.asarray(pairs.prompts.ids)
+  idx = response_ids(np.asarray(pairs.responses[:, 0]), lab.tokens)
+  r_theta = BETA * np.asarray(pairs.policy_logprobs[:, 0].sum(-1) - pairs.ref_logprobs[:, 0].sum(-1), np.float64)
+  residual = lab.rewards[ids, idx] - r_theta
+  z_plus, z_minus = [], []
+  for x in range(lab.rewards.shape[0]):
+    for f, key in ((r_theta, 'sd_r_theta'), (residual, 'sd_residual')):
+      v = f[ids == x]
+      n, var = len(v), v.var(ddof=1)
+      se = np.sqrt(max(np.mean((v - v.mean()) ** 4) - var ** 2, 0) / n)
+      assert abs(var - state['per_prompt'][key][x] ** 2) < Z * se + 1e-9, (key, x, var, se)
+    # Z+ = E_pi exp(r_theta), Z- = E_pi exp(-r_theta): log Z+ Z- from samples.
+    v = r_theta[ids == x]
+    zp, zm = np.exp(v), np.exp(-v)
+    z_plus.append((zp.mean(), zp.std(ddof=1) / np.sqrt(len(v))))
+    z_minus.append((zm.mean(), zm.std(ddof=1) / np.sqrt(len(v))))
+    exact = state['per_prompt']['log_zz'][x]
+    lse = lambda z: np.log(np.sum(np.exp(z)))
+    zp_exact = lse((1 + BETA) * d['policy'][x] - BETA * d['ref'][x])
+    assert abs(z_plus[-1][0] - np.exp(zp_exact)) < Z * z_plus[-1][1], (x, z_plus[-1], np.exp(zp_exact))
+    assert abs(z_minus[-1][0] - np.exp(exact - zp_exact)) < Z * z_minus[-1][1], (x, z_minus[-1])
+    assert state['per_prompt']['t_pilaf_weight'][x] == pytest.approx(d['vanilla_weight'][x], rel=1e-5)
+
+
+def test_token_mixture_from_prefix_masses_equals_the_network(lab):
+  lab, pp, rp = lab
+  d = lab.distributions(pp, rp)
+  for coef, key in ((1 + BETA, 'tok_plus'), (1 - BETA, 'tok_minus')):
+    table = price.token_mixture_table(d['policy'], d['ref'], lab.tokens, lab.mask, coef)
+    np.testing.assert_allclose(table, d[key], atol=2e-4)
+    np.testing.assert_allclose(np.exp(table).sum(-1), 1.0, atol=1e-9)
+
+
+def test_tabular_price_matches_brute_force_and_finite_differences(x64):
+  tokens, mask = enumerate_responses(TINY_ALLOWED, EOS, PAD, 2)
+  rs = np.random.RandomState(8)
+  b, e = 2, tokens.shape[0]
+  lsm = lambda z: np.asarray(jax.nn.log_softmax(jnp.asarray(z), -1))
+  logp, ref_logp = lsm(rs.randn(b, e) * 1.5), lsm(rs.randn(b, e))
+  rewards = rs.randn(b, e) * 2.0
+  out = price.tabular_measure(logp, ref_logp, rewards, tokens, mask, BETA,
+                              samplers=('vanilla', 'pilaf', 't_pilaf', 't_pilaf_half'))
+  obj = lambda t: float(theory.objective(jax.nn.log_softmax(jnp.asarray(t), -1), jnp.asarray(ref_logp),
+                                         jnp.asarray(rewards), BETA))
+  grad_j = np.asarray(jax.grad(lambda t: theory.objective(jax.nn.log_softmax(t, -1), jnp.asarray(ref_logp),
+                                                          jnp.asarray(rewards), BETA))(jnp.asarray(logp)))
+  u = grad_j / np.linalg.norm(grad_j)
+  eps = 1e-4
+  second_diff = (obj(logp + eps * u) - 2 * obj(logp) + obj(logp - eps * u)) / eps ** 2
+  assert abs(out['curvature_along_J'] + second_diff) < 1e-4 * max(1.0, abs(second_diff))
+  # a and s^2 by brute force over every pair and label (per-pair gradients by autodiff).
+  d = price.tabular_distributions(logp, ref_logp, tokens, mask, BETA)
+  qs = theory.pair_distributions(['vanilla', 'pilaf', 't_pilaf', 't_pilaf_half'], d, BETA, 0.5, 8)
+
+  def pair_ascent(t, x, w, l):
+    h = BETA * (jax.nn.log_softmax(t, -1) - jnp.asarray(ref_logp))
+    return jax.nn.log_sigmoid(h[x, w] - h[x, l])
+  grad_pair = jax.jit(jax.grad(pair_ascent))
+  along = {}
+  for x in range(b):
+    for a_, b_ in itertools.product(range(e), repeat=2):
+      p_a = 1 / (1 + np.exp(-(rewards[x, a_] - rewards[x, b_])))
+      for w, l, p in ((a_, b_, p_a), (b_, a_, 1 - p_a)):
+        along[(x, a_, b_, w)] = (float(np.sum(np.asarray(grad_pair(jnp.asarray(logp), x, w, l)) * u)), p)
+  for name, q in qs.items():
+    m1 = sum(q[x, a_, b_] * p * g / b for (x, a_, b_, _), (g, p) in along.items())
+    m2 = sum(q[x, a_, b_] * p * g ** 2 / b for (x, a_, b_, _), (g, p) in along.items())
+    row = out['samplers'][name]
+    assert abs(row['along_J'] - m1) < 1e-9 and abs(row['variance_along_J'] - (m2 - m1 ** 2)) < 1e-9, name
+    assert row['J_gain_per_label'] == pytest.approx(
+        out['grad_J_norm'] ** 2 / (2 * out['curvature_along_J'] * row['labels_for_snr1_along_J'])) \
+        if out['curvature_along_J'] > 0 else np.isnan(row['J_gain_per_label'])
+  # The fixed coin: t_pilaf_half is t_pilaf with weight 1/2 on every prompt.
+  np.testing.assert_allclose(qs['t_pilaf_half'], 0.5 * np.einsum('xa,xb->xab', np.exp(logp), np.exp(logp))
+                             + 0.5 * np.einsum('xa,xb->xab', np.exp(d['plus']), np.exp(d['minus'])), atol=1e-12)

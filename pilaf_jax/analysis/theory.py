@@ -13,7 +13,8 @@ For a fixed set of prompts x (held-out prompts of the task) and every response y
 - for each sampler S, its exact pair distribution q_S(y_a, y_b | x) at the current policy:
     vanilla    pi x pi
     hybrid     pi x pi_ref
-    t_pilaf    w pi x pi + (1 - w) pi_plus x pi_minus, w = 1/(1 + Z_plus Z_minus) (sequence level)
+    t_pilaf    w pi x pi + (1 - w) pi_plus x pi_minus, w = 1/(1 + Z_plus Z_minus) (sequence level);
+               t_pilaf_half: the same with w = sampler.vanilla_fraction (the practical coin)
     pilaf      f pi x pi + (1 - f) pi_plus^tok x pi_minus^tok, f = sampler.vanilla_fraction, where
                pi_plus^tok(y) = prod_t softmax((1+beta) h_theta - beta h_ref)[y_t] from both models'
                per-token logits along y (exactly what the token-level sampler draws)
@@ -51,7 +52,7 @@ from pilaf_jax.model.scoring import masked_log_softmax, response_logprobs, seque
 from pilaf_jax.sampling.mixing import mix_logits
 from pilaf_jax.sampling.samplers import SamplerContext, enumerate_responses
 
-LAB_SAMPLERS = ('vanilla', 'pilaf', 'hybrid', 't_pilaf', 'best_of_n')
+LAB_SAMPLERS = ('vanilla', 'pilaf', 'hybrid', 't_pilaf', 't_pilaf_half', 'best_of_n')
 _TIE = 1e-6  # Implicit rewards closer than this count as tied (best-of-N).
 
 
@@ -141,8 +142,8 @@ def pair_distributions(names: Sequence[str], d: dict, beta: float, vanilla_fract
       out[name] = outer(p, p)
     elif name == 'hybrid':
       out[name] = outer(p, np.exp(np.asarray(d['ref'], np.float64)))
-    elif name == 't_pilaf':
-      w = np.asarray(d['vanilla_weight'], np.float64)[:, None, None]
+    elif name in ('t_pilaf', 't_pilaf_half'):
+      w = np.asarray(d['vanilla_weight'] if name == 't_pilaf' else [vanilla_fraction], np.float64)[:, None, None]
       out[name] = w * outer(p, p) + (1 - w) * outer(np.exp(np.asarray(d['plus'], np.float64)),
                                                     np.exp(np.asarray(d['minus'], np.float64)))
     elif name == 'pilaf':

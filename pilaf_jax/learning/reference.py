@@ -85,9 +85,12 @@ def restore_reference(cached, target, given: str, log) -> Optional[dict]:
 
 
 def initial_policy_params(config, task, model, placement, ref_params) -> dict:
-  """Where the policy starts: the reference, unless model.checkpoint names another checkpoint."""
+  """Where the policy starts: the reference, unless model.checkpoint names another checkpoint or the
+  task has a warm start of its own (task.initial_policy)."""
   c = config
   if (task.reference_source == REFERENCE_CHECKPOINT and c.model.reference_checkpoint
       and c.model.reference_checkpoint != c.model.checkpoint):
     return load_params(c.model.checkpoint, model.cfg, placement.params)
+  if hasattr(task, 'initial_policy'):  # A task may start the policy away from the reference.
+    return task.initial_policy(model, ref_params, placement)
   return ref_params

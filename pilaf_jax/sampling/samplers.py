@@ -228,12 +228,15 @@ def t_pilaf_distributions(ctx: SamplerContext, policy_params, ref_params, prompt
 
 
 @register_sampler('t_pilaf')
-def t_pilaf(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch, rng) -> PairBatch:
-  """T-PILAF: with probability 1/(1 + Z+ Z-) a vanilla pair, else y_a ~ pi_plus, y_b ~ pi_minus."""
+def t_pilaf(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch, rng,
+            vanilla_weight: Optional[float] = None) -> PairBatch:
+  """T-PILAF: with probability 1/(1 + Z+ Z-) a vanilla pair, else y_a ~ pi_plus, y_b ~ pi_minus
+  (sequence level). vanilla_weight replaces that probability by a fixed coin."""
   d = t_pilaf_distributions(ctx, policy_params, ref_params, prompts)
   b, e = d['policy'].shape
   k_coin, k_a, k_b, k_va, k_vb = jax.random.split(rng, 5)
-  vanilla_pair = jax.random.bernoulli(k_coin, d['vanilla_weight'])
+  weight = d['vanilla_weight'] if vanilla_weight is None else jnp.full((b,), vanilla_weight)
+  vanilla_pair = jax.random.bernoulli(k_coin, weight)
   idx_a = jnp.where(vanilla_pair, jax.random.categorical(k_va, d['policy']),
                     jax.random.categorical(k_a, d['plus']))
   idx_b = jnp.where(vanilla_pair, jax.random.categorical(k_vb, d['policy']),
@@ -254,6 +257,13 @@ def t_pilaf(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch
   return pairs.replace(source=source.astype(jnp.int8))
 
 
+@register_sampler('t_pilaf_half')
+def t_pilaf_half(ctx: SamplerContext, policy_params, ref_params, prompts: PromptBatch, rng) -> PairBatch:
+  """T-PILAF's sequence-level pi_plus x pi_minus with the practical method's coin: a vanilla pair with
+  probability sampler.vanilla_fraction (1/2) instead of 1/(1 + Z+ Z-)."""
+  return t_pilaf(ctx, policy_params, ref_params, prompts, rng, vanilla_weight=ctx.vanilla_fraction)
+
+
 def build_sampler(name: str, ctx: SamplerContext) -> SamplerFn:
   """The named sampler function, after checking that it can run with ctx (clear errors, no work)."""
   fn = lookup(SAMPLERS, name, 'sampler.name')
@@ -263,9 +273,9 @@ def build_sampler(name: str, ctx: SamplerContext) -> SamplerFn:
                      f'reference vocab_size={ctx.ref.cfg.vocab_size}.')
   if name == 'best_of_n' and ctx.best_of_n < 2:
     raise ValueError(f'sampler.best_of_n={ctx.best_of_n}: best-of-N needs N >= 2 samples per prompt.')
-  if name == 'pilaf' and not 0.0 <= ctx.vanilla_fraction <= 1.0:
+  if name in ('pilaf', 't_pilaf_half') and not 0.0 <= ctx.vanilla_fraction <= 1.0:
     raise ValueError(f'sampler.vanilla_fraction={ctx.vanilla_fraction} must lie in [0, 1].')
-  if name == 't_pilaf':
+  if name in ('t_pilaf', 't_pilaf_half'):
     if ctx.allowed_tokens is None:
       raise ValueError('t_pilaf needs the task to declare its response tokens (allowed_tokens).')
     num_content = int(np.sum(ctx.allowed_tokens)) - int(ctx.allowed_tokens[ctx.settings.eos_id])

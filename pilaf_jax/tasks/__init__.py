@@ -2,6 +2,7 @@
 and the oracle's reward. `Task` (base.py) is the interface; the registry maps task.name to a builder.
 
   synthetic  the embedded hidden world (no downloads, CPU, minutes); the reference is SFT'd here.
+  rare       enumerable; the best responses rare under the reference; a warm start (tasks/rare.py).
   chat       real text: a chat model from a checkpoint, prompts from a dataset (HH-RLHF through
              tensorflow-datasets, or a JSONL file), a reward model or an LLM judge as the oracle.
 """
@@ -13,6 +14,7 @@ import jax
 
 from pilaf_jax import config_aliases
 from pilaf_jax.registry import lookup
+from pilaf_jax.tasks import rare
 from pilaf_jax.tasks.base import (EVAL, REFERENCE_CHECKPOINT, REFERENCE_SFT, SPLITS, TRAIN, Task)
 from pilaf_jax.tasks.chat_config import check_config as chat_check_config
 from pilaf_jax.tasks.synthetic import (BOS, EOS, PAD, SyntheticTask, SyntheticTaskConfig, SyntheticWorld,
@@ -30,9 +32,10 @@ def _chat(config, run_key: jax.Array, placement, workdir: str) -> Task:
   return build_chat_task(config, run_key, placement, workdir)
 
 
-TASKS: dict[str, Callable[..., Task]] = {'synthetic': _synthetic, 'chat': _chat}
+TASKS: dict[str, Callable[..., Task]] = {'synthetic': _synthetic, 'chat': _chat, 'rare': rare.build}
 # Each task checks its own section (task.<name>) and what it implies for the rest of the config.
-TASK_CHECKS: dict[str, Callable] = {'synthetic': synthetic_check_config, 'chat': chat_check_config}
+TASK_CHECKS: dict[str, Callable] = {'synthetic': synthetic_check_config, 'chat': chat_check_config,
+                                    'rare': rare.check_config}
 
 
 def make_task(config, run_key: jax.Array, placement=None, workdir: str = '') -> Task:

@@ -55,15 +55,20 @@ def check_config(c) -> None:
           '(PAD, BOS, EOS and at least one content token).')
   require(c.model.vocab_size == c.task.vocab_size,
           f'model.vocab_size={c.model.vocab_size} must equal task.vocab_size={c.task.vocab_size}.')
-  require(c.oracle.reward in ('task', 'human'), f"oracle.reward={c.oracle.reward!r}: the synthetic "
-          "task's oracle is its hidden reward; use oracle.reward='task', or 'human' for people "
-          '(reward models and judges read text).')
-  require(not c.model.checkpoint, f'model.checkpoint={c.model.checkpoint!r}: the synthetic task '
-          "trains its own reference; pretrained checkpoints need task.name='chat'.")
+  check_trains_own_reference(c, 'synthetic')
   for name in ('num_topics', 'num_styles'):
     require(isinstance(s[name], int) and s[name] >= 1, f'task.synthetic.{name}={s[name]!r} must be an integer >= 1.')
   require(0.0 <= s.copy_prob <= 1.0, f'task.synthetic.copy_prob={s.copy_prob} must lie in [0, 1].')
 
+
+
+def check_trains_own_reference(c, name: str) -> None:
+  """For a task whose oracle is its hidden reward and whose reference is trained here."""
+  require(c.oracle.reward in ('task', 'human'), f"oracle.reward={c.oracle.reward!r}: the {name} "
+          "task's oracle is its hidden reward; use oracle.reward='task', or 'human' for people "
+          '(reward models and judges read text).')
+  require(not c.model.checkpoint, f'model.checkpoint={c.model.checkpoint!r}: the {name} task '
+          "trains its own reference; pretrained checkpoints need task.name='chat'.")
 
 @flax.struct.dataclass
 class SyntheticWorld:

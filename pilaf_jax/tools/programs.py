@@ -170,7 +170,7 @@ def build_programs(config, mesh: Mesh, cfg: LlamaConfig, unroll_steps: int = 0,
   key = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   run_key = jax.random.key(c.seed)
   for name in sampler_names(c):
-    if not want(f'sample_{name}') or name == 't_pilaf':  # t_pilaf enumerates: toy tasks only.
+    if not want(f'sample_{name}') or name.startswith('t_pilaf'):  # These enumerate: toy tasks only.
       continue
     fn = check_sampler(name, ctx)
 
