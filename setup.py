@@ -65,7 +65,7 @@ setup(
                  *AOT],  # tests/test_aot.py compiles the pod config's structure for a v5e slice.
         # benchmarks/vs_torch.py: the same model and kernels in PyTorch + transformers, side by side.
         'bench': ['torch==2.13.0', 'transformers>=5,<6', 'safetensors', 'ml_dtypes'],
-        # Study reports and the theory lab's plots (python -m pilaf_jax.study report, analysis/theory.py).
+        # Study reports and the theory lab's plots (python -m pilaf_jax.study report, analysis/lab.py).
         'study': ['matplotlib'],
         # The notebooks' install cell in Colab: their plots.
         'colab': ['matplotlib'],

@@ -342,3 +342,30 @@ def test_tabular_price_matches_brute_force_and_finite_differences(x64):
   # The fixed coin: t_pilaf_half is t_pilaf with weight 1/2 on every prompt.
   np.testing.assert_allclose(qs['t_pilaf_half'], 0.5 * np.einsum('xa,xb->xab', np.exp(logp), np.exp(logp))
                              + 0.5 * np.einsum('xa,xb->xab', np.exp(d['plus']), np.exp(d['minus'])), atol=1e-12)
+
+
+def test_lab_run_prices_every_measured_step(tmp_path):
+  """The lab along a run (analysis/lab.py): every evaluation point carries the price and the policy
+  state, and vanilla's gain relative to itself is 1."""
+  import os
+  import runpy
+  from pilaf_jax.analysis import lab as theory_lab
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = runpy.run_path(os.path.join(root, 'configs', 'enumerable.py'))['get_config']()
+  config.sft.steps = 10
+  config.runtime.progress_bar = False
+  config.eval.update(num_prompts=16, batch_size=16)
+  samplers = ('vanilla', 't_pilaf_half')
+  rows = theory_lab.run_lab(config, str(tmp_path), steps=1, every=1, num_prompts=4, train_sampler='vanilla',
+                            samplers=samplers, log=lambda _: None)
+  assert [r['step'] for r in rows] == [0, 1]
+  for r in rows:
+    assert set(r['samplers']) == set(samplers)
+    assert 0 < r['t_pilaf_weight'] <= 0.5 + 1e-6  # 1/(1 + Z+ Z-), and Z+ Z- >= 1 (Jensen).
+    assert len(r['per_prompt']['log_zz']) == 4 and r['sd_r_theta'] >= 0 and r['sd_residual'] > 0
+    assert r['samplers']['vanilla']['relative_gain'] == pytest.approx(1.0)
+    for s in samplers:
+      row = r['samplers'][s]
+      assert row['labels_for_snr1_along_J'] > 0 and 'J_gain_per_label' in row and 'curvature_along_J' in row
+  assert rows[0]['sd_r_theta'] == pytest.approx(0.0, abs=1e-6)  # The policy starts at the reference.
+  assert 'x van' in (tmp_path / 'theory.md').read_text()

@@ -181,7 +181,7 @@ def curvature_along(grad_fn, params, direction, eps: float = 1e-2) -> float:
   return -(dot(grad_fn(shift(eps)), direction) - dot(grad_fn(shift(-eps)), direction)) / (2 * eps)
 
 
-def lab_price(lab, policy_params, ref_params, samplers: Sequence[str] = theory.LAB_SAMPLERS) -> dict:
+def lab_price(lab, policy_params, ref_params, samplers: Sequence[str]) -> dict:
   """ExactLab.measure plus the policy state, the curvature of J along grad J, and each sampler's
   n1, J gain per label and gain relative to vanilla (when measured)."""
   out = lab.measure(policy_params, ref_params, samplers, variance=True)

@@ -1,9 +1,8 @@
 r"""The exact theory lab: on a task small enough to enumerate every response, the quantities of the
 paper's analysis computed exactly at the current policy, with no sampling.
 
-  python -m pilaf_jax.analysis.theory --config=configs/enumerable.py --workdir=runs/theory \
-      [--steps=200 --every=20 --num_prompts=32 --train_sampler=vanilla \
-       --samplers=vanilla,pilaf,hybrid,t_pilaf,best_of_n] [--config.<field>=<value> ...]
+The lab's training run and CLI: analysis/lab.py (python -m pilaf_jax.analysis.lab); the price per
+label built on these quantities: analysis/price.py.
 
 For a fixed set of prompts x (held-out prompts of the task) and every response y:
 - J(pi) = mean_x [ sum_y pi(y|x) r*(x,y) - beta KL(pi(.|x) || pi_ref(.|x)) ], exactly, and its
@@ -30,17 +29,10 @@ For a fixed set of prompts x (held-out prompts of the task) and every response y
   pair (x uniform over the prompts), exactly from the per-prompt Gram matrices of the per-response
   gradients, and the variance of its component along grad J.
 
-Along a training run (the config's online loop, inline, for --steps steps with --train_sampler) the
-quantities are measured every --every steps for every sampler; the workdir gets theory.jsonl, a
-table (theory.md) and plots (theory_cosine.png, theory_J.png).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import sys
-import time
 from typing import Callable, Sequence
 
 import jax
@@ -324,77 +316,3 @@ def _unflatten(flat: jax.Array, like):
     out.append(flat[i:i + x.size].reshape(x.shape).astype(x.dtype))
     i += x.size
   return jax.tree.unflatten(treedef, out)
-
-
-# --- a training run with measurements ------------------------------------------------------------
-
-def run_lab(config, workdir: str, *, steps: int, every: int, num_prompts: int, train_sampler: str,
-            samplers: Sequence[str], variance: bool = True, log=print) -> list[dict]:
-  """Online DPO with train_sampler (the training loop of loops/loop.py, evaluating every `every`
-  steps), measuring every sampler exactly at each evaluation point."""
-  from pilaf_jax import experiment, paths, workdir_config
-  from pilaf_jax.loops.loop import run_loop
-  from pilaf_jax.loops.online import OnlineSchedule
-  from pilaf_jax.analysis.theory_outputs import write_outputs
-  from pilaf_jax.tasks.base import EVAL
-  config = config.copy_and_resolve_references()
-  config.eval.every_steps = every
-  workdir_config.prepare_workdir(config, workdir)
-  exp = experiment.Experiment(config, workdir)
-  path = os.path.join(workdir, 'theory.jsonl')
-  rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []  # Kept on resume.
-  models = exp.models
-  try:
-    prompts = jax.tree.map(np.asarray, models.task.prompts(EVAL, 0, num_prompts))
-    lab = ExactLab.build(models.sampler_ctx, PromptBatch(jnp.asarray(prompts.tokens), jnp.asarray(prompts.mask),
-                                                         prompts.ids),
-                         lambda p, y, m: models.task.rewards(EVAL, p, y, m))
-    log(f'Theory lab: {num_prompts} held-out prompts x {lab.tokens.shape[0]} responses; training with '
-        f'{train_sampler} for {steps} steps, measuring {", ".join(samplers)} every {every} steps.')
-
-    def measure(t: int, run, ref) -> None:  # At every evaluation point of the loop.
-      start = time.time()
-      row = {'step': t, 'labels_used': int(run.labels_used), **lab.measure(run.train.params, ref, samplers, variance)}
-      rows[:] = [r for r in rows if r['step'] < t] + [row]  # A resumed lab measures again from t.
-      paths.write_text_atomic(path, ''.join(json.dumps(r) + '\n' for r in rows))
-      log(f'step {t:4d}: J {row["J"]:.3f} (J* {row["J_star"]:.3f})  cosine with grad J: ' + '  '.join(
-          f'{s} {row["samplers"][s]["cosine"]:+.3f}' for s in samplers) + f'  ({time.time() - start:.1f} s)')
-    run_loop(exp, OnlineSchedule(config, train_sampler, steps, prefix='theory'), log, measure=measure)
-  finally:
-    exp.close()
-  write_outputs(rows, samplers, workdir, train_sampler)  # theory.md and the plots.
-  return rows
-
-
-def main() -> None:
-  from absl import app, flags
-  from ml_collections import config_flags
-  from pilaf_jax import config_aliases
-  here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  config_flags.DEFINE_config_file('config', os.path.join(here, 'configs', 'enumerable.py'), 'Config file.')
-  flags.DEFINE_string('workdir', None, 'Output directory (reference, labels, theory.jsonl, plots).')
-  flags.DEFINE_integer('steps', None, 'Online DPO steps (default: the config\'s online.steps).')
-  flags.DEFINE_integer('every', 10, 'Measure every this many steps.')
-  flags.DEFINE_integer('num_prompts', 32, 'Held-out prompts the exact quantities average over.')
-  flags.DEFINE_string('train_sampler', None, 'Sampler that drives training (default: sampler.name).')
-  flags.DEFINE_string('samplers', ','.join(LAB_SAMPLERS), 'Samplers to measure.')
-  flags.DEFINE_bool('variance', True, 'Also compute the per-label gradient variance (Gram matrices).')
-
-  def run(_argv):
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)
-    f = flags.FLAGS
-    if not f.workdir:
-      print('error: --workdir is required.', file=sys.stderr)
-      sys.exit(2)
-    config = config_aliases.resolve(f.config)
-    run_lab(config, f.workdir, steps=f.steps if f.steps is not None else config.online.steps,
-            every=f.every, num_prompts=f.num_prompts, train_sampler=f.train_sampler or config.sampler.name,
-            samplers=[s for s in f.samplers.split(',') if s], variance=f.variance)
-    print(f'Wrote {os.path.join(f.workdir, "theory.md")}, theory.jsonl, theory_cosine.png, theory_J.png')
-  sys.argv[:] = config_aliases.rewrite_overrides(sys.argv)  # config_flags reads sys.argv.
-  app.run(run)
-
-
-if __name__ == '__main__':
-  main()
