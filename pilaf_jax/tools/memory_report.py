@@ -88,15 +88,29 @@ def activation_bytes(cfg: LlamaConfig, sequences: int, prompt_len: int, response
   f, v = -(-cfg.intermediate_size // tensor), -(-cfg.vocab_size // tensor)
   per_layer_token = (a * (2 * d + (h + 2 * hkv) * hd + h * hd + 3 * f)
                      + 4 * (h + hkv) * hd + 8 * d + (4 + a) * h * t)
-  head = t * (a * d + (a + 4) * v) + 4 * response_len * v
+  # The head, as the compiled step holds it (checked against tools/aot.py compiles): the logits over
+  # all T positions in float32, their log-softmax and their gradient (the response slice comes after).
+  head = t * (a * d + 12 * v)
   if remat:
     kept = a * d
     if cfg.remat_policy == 'save_dots':  # q, k, v, o_proj, gate, up, down outputs.
       kept += a * ((h + 2 * hkv) * hd + 2 * d + 2 * f)
-    per_sequence = t * cfg.num_layers * kept + t * per_layer_token + head
+    # The head's buffers are freed before the layers' backward pass recomputes a layer: the peak is
+    # the larger of the two, not their sum (compiled figures: docs/scale_out.md).
+    per_sequence = t * cfg.num_layers * kept + max(t * per_layer_token, head)
   else:
     per_sequence = t * cfg.num_layers * per_layer_token + head
   return sequences * per_sequence
+
+
+def fsdp_gather_bytes(cfg: LlamaConfig, tensor: int) -> int:
+  """What the DPO step holds unsplit over fsdp at its peak: the output head's kernel (the logits are
+  pinned to the batch rows, so the vocabulary-split kernel is gathered whole) and one layer's
+  kernels, each with its gradient before the reduce-scatter, in the param dtype."""
+  p = np.dtype(cfg.param_dtype).itemsize
+  hd = cfg.resolved_head_dim
+  layer = cfg.hidden_size * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * hd + 3 * cfg.hidden_size * cfg.intermediate_size
+  return 2 * p * (cfg.hidden_size * cfg.vocab_size + layer) // tensor
 
 
 def _oracle_rows(config, sizes) -> tuple:
@@ -176,7 +190,8 @@ def program_estimates(config, report: Report) -> dict[str, int]:
   params, ref = rows['policy params'], rows['reference params']
   cache = next(v for k, v in rows.items() if k.startswith('KV caches'))
   act = rows['DPO activations, per-layer remat' if config.model.remat else 'DPO activations, no remat']
-  out = {'dpo_step': params + rows['AdamW state (mu, nu)'] + rows['gradients'] + act,
+  out = {'dpo_step': params + rows['AdamW state (mu, nu)'] + rows['gradients'] + act
+                     + fsdp_gather_bytes(LlamaConfig.from_config(config.model), report.mesh['tensor']),
          f'sample_{config.sampler.name}': params + ref + cache}
   # Evaluation decodes eval.batch_size rows with the policy alone: one cache of that many rows.
   out['eval_decode'] = params + ref + cache // 2 * config.eval.batch_size // (2 * config.dpo.batch_size)
