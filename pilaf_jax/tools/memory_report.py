@@ -21,12 +21,15 @@ a = bytes of model.dtype, and head/feature counts divided by the mesh's tensor s
   + 8d                                      float32 copies inside the two RMSNorms
   + (4 + a) H T                             softmax probabilities, float32 and cast
 
-and per sequence for the output head: T (a d + (a + 4) V) + 4 R V (logits, their float32 copy and
-the response log-softmax). Without rematerialisation every layer keeps all of it. With per-layer
-rematerialisation (checkpointing each decoder layer) only each layer's input (a d per token) is
-kept, plus one layer's full set while it is recomputed, plus the head; with model.remat_policy=
-'save_dots' each layer also keeps its projections' outputs, a ((H + 2 Hkv) hd + 2d + 2F) per token. XLA temporaries and FSDP
-all-gather buffers (about two layers' weights in model.dtype) come on top.
+and per sequence for the output head: T (a d + 12 V) (the head's input, and over all T positions
+the float32 logits, their log-softmax and their gradient, as the compiled step holds them). Without
+rematerialisation every layer keeps all of it. With per-layer rematerialisation (checkpointing each
+decoder layer) only each layer's input (a d per token) is kept, plus the larger of one layer's full
+set (while it is recomputed) and the head (freed before the layers' backward pass); with
+model.remat_policy='save_dots' each layer also keeps its projections' outputs, a ((H + 2 Hkv) hd +
+2d + 2F) per token. program_estimates adds, for the DPO step, the FSDP gather buffers
+(fsdp_gather_bytes); the DPO step's estimate is held within 15% of the TPU compiler's figure
+(tests/test_memory_report.py, docs/scale_out.md).
 """
 from __future__ import annotations
 
