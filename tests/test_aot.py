@@ -103,3 +103,19 @@ def test_dry_run_plans_8b_configs_without_their_weights(name):
   assert proc.returncode == 0, proc.stderr
   assert 'model.checkpoint=/models/llama-3.1-8b-sft is not on this machine' in proc.stdout
   assert 'model: 8,030,261,248 params' in proc.stdout and 'total per device, per-layer remat' in proc.stdout
+
+
+def test_decode_step_bytes_counts_both_models_weights_and_caches():
+  """Llama-3.1-8B, PILAF on v5p-32 (fsdp=16): counted by hand, not by the code under test."""
+  import types
+  from pilaf_jax.experiment import model_config
+  from pilaf_jax.tools import programs
+  cfg = model_config(pod_config().model)
+  d, f, v, layers, h, hkv, hd = 4096, 14_336, 128_256, 32, 32, 8, 128
+  matmul = layers * (2 * d * h * hd + 2 * d * hkv * hd + 3 * d * f) + d * v
+  kv_row = 2 * layers * 1024 * hkv * hd * 2  # k and v, 1024 slots, bfloat16.
+  mesh = types.SimpleNamespace(shape=dict(data=1, fsdp=16, tensor=1))
+  # The policy decodes all 128 rows, the reference the 64 mixed ones: 8 and 4 per chip.
+  assert programs.decode_step_bytes(cfg, mesh, (128, 64), 1024) == 2 * 2 * matmul + 12 * kv_row
+  tensor = types.SimpleNamespace(shape=dict(data=1, fsdp=2, tensor=8))
+  assert programs.decode_step_bytes(cfg, tensor, (128, 64), 1024) == (2 * 2 * matmul + 96 * kv_row) / 8

@@ -169,7 +169,10 @@ def extrapolated_costs(config, mesh, cfg: LlamaConfig, only: Optional[set[str]] 
       continue
     step = deeper(costs[(name, 1, 2)] - costs[(name, 1, 1)], costs[(name, 2, 2)] - costs[(name, 2, 1)])
     once = deeper(costs[(name, 1, 1)], costs[(name, 2, 1)])
-    out[name] = dict(total=once + step * (p.steps - 2), step=step)
+    # One layer's share of a step: the 2- minus the 1-layer step, which cancels the output head and
+    # the sampling (whose cost-model time XLA can report as negative for the two-model decode).
+    layer_step = (costs[(name, 2, 2)] - costs[(name, 2, 1)]) - (costs[(name, 1, 2)] - costs[(name, 1, 1)])
+    out[name] = dict(total=once + step * (p.steps - 2), step=step, layer_step=layer_step)
   return out
 
 
@@ -181,13 +184,17 @@ class Result:
   memory: Optional[Memory] = None
   cost: Optional[Cost] = None
   step_cost: Optional[Cost] = None
+  layer_step_cost: Optional[Cost] = None  # DECODE: one layer's share of one step.
   tokens: int = 0
   model_flops: float = 0.0
+  step_bytes: float = 0.0  # Arithmetic HBM bytes per decode step per device.
   replicated: tuple = ()
 
   def as_dict(self, chip: Chip, devices: int) -> dict:
     d = dict(name=self.name, kind=self.kind, compile_seconds=round(self.compile_seconds, 1),
              tokens=self.tokens, model_flops=self.model_flops, replicated=list(self.replicated))
+    if self.step_bytes:
+      d['decode_step_arithmetic_bytes'] = self.step_bytes
     if self.memory:
       d['memory'] = dict(dataclasses.asdict(self.memory), peak=self.memory.peak,
                          hbm_fraction=self.memory.peak / chip.hbm_bytes)
@@ -195,6 +202,8 @@ class Result:
       d['cost'] = dict(dataclasses.asdict(self.cost), **implied(self, chip, devices))
     if self.step_cost:
       d['decode_step'] = dataclasses.asdict(self.step_cost)
+    if self.layer_step_cost:
+      d['decode_step_per_layer'] = dataclasses.asdict(self.layer_step_cost)
     return d
 
 
@@ -207,6 +216,7 @@ def implied(r: Result, chip: Chip, devices: int) -> dict:
              hbm_bandwidth_fraction=r.cost.bytes / t / chip.hbm_bandwidth if t > 0 else 0.0)
   if r.step_cost and r.step_cost.seconds > 0:
     out['step_hbm_bandwidth_fraction'] = r.step_cost.bytes / r.step_cost.seconds / chip.hbm_bandwidth
+    out['step_arithmetic_bandwidth_fraction'] = r.step_bytes / r.step_cost.seconds / chip.hbm_bandwidth
   return out
 
 
@@ -229,15 +239,16 @@ def analyse(config, topology: str, *, layers: int = 0, only: Optional[set[str]] 
       lowered, compiled, seconds = compile_program(p, topology=topology)
       log(f'  memory: {p.name} compiled in {seconds:.0f} s')
       results[p.name] = Result(p.name, p.kind, seconds, memory_of(compiled), tokens=p.tokens,
-                               model_flops=p.model_flops,
+                               model_flops=p.model_flops, step_bytes=p.step_bytes,
                                replicated=tuple(replicated_arrays(p, lowered, compiled, min_replicated_bytes)))
   if cost:
     full = {p.name: p for p in programs_lib.build_programs(config, mesh, cfg, only=only)} if not memory else None
     for name, c in extrapolated_costs(config, mesh, cfg, only, log).items():
       if name not in results:
         p = full[name]
-        results[name] = Result(name, p.kind, tokens=p.tokens, model_flops=p.model_flops)
+        results[name] = Result(name, p.kind, tokens=p.tokens, model_flops=p.model_flops, step_bytes=p.step_bytes)
       results[name].cost, results[name].step_cost = c['total'], c.get('step')
+      results[name].layer_step_cost = c.get('layer_step')
   return list(results.values()), chip, len(devices)
 
 
@@ -263,8 +274,15 @@ def format_table(results: list[Result], chip: Chip, devices: int, title: str = '
     if r.step_cost:
       s = r.step_cost
       lines.append(f'{"  one decode step":<22}{"":42}{s.flops / 1e12:10.3f}{"":10}{s.seconds:9.4f}'
-                   f'{"":24}{100 * s.bytes / s.seconds / chip.hbm_bandwidth if s.seconds else 0:7.0f}%'
-                   f'  ({s.bytes / GB:.2f} GB read+written)')
+                   f'{"":24}{100 * s.bytes / s.seconds / chip.hbm_bandwidth if s.seconds > 0 else 0:7.0f}%'
+                   f'  ({s.bytes / GB:.2f} GB read+written at XLA\'s count, {1e3 * s.seconds:.2f} ms; '
+                   f'arithmetic {r.step_bytes / GB:.2f} GB: both models\' weights + KV caches, '
+                   f'{100 * r.step_bytes / s.seconds / chip.hbm_bandwidth if s.seconds > 0 else 0:.0f}% of '
+                   f'{chip.hbm_bandwidth / GB:.0f} GB/s)')
+    if r.layer_step_cost and r.layer_step_cost.seconds > 0:
+      s = r.layer_step_cost
+      lines.append(f'{"  per layer per step":<22}{"":42}{s.flops / 1e12:10.4f}{"":10}{s.seconds:9.6f}'
+                   f'{"":24}{100 * s.bytes / s.seconds / chip.hbm_bandwidth:7.0f}%  ({s.bytes / GB:.3f} GB)')
     if r.replicated:
       lines.append(f'  warning: replicated on every device: {", ".join(r.replicated[:6])}')
   lines.append('Per device. Memory from the real program; cost (TFLOP, time at XLA\'s cost model) from loop-free '

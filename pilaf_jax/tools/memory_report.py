@@ -21,12 +21,15 @@ a = bytes of model.dtype, and head/feature counts divided by the mesh's tensor s
   + 8d                                      float32 copies inside the two RMSNorms
   + (4 + a) H T                             softmax probabilities, float32 and cast
 
-and per sequence for the output head: T (a d + (a + 4) V) + 4 R V (logits, their float32 copy and
-the response log-softmax). Without rematerialisation every layer keeps all of it. With per-layer
-rematerialisation (checkpointing each decoder layer) only each layer's input (a d per token) is
-kept, plus one layer's full set while it is recomputed, plus the head; with model.remat_policy=
-'save_dots' each layer also keeps its projections' outputs, a ((H + 2 Hkv) hd + 2d + 2F) per token. XLA temporaries and FSDP
-all-gather buffers (about two layers' weights in model.dtype) come on top.
+and per sequence for the output head: T (a d + 12 V) (the head's input, and over all T positions
+the float32 logits, their log-softmax and their gradient, as the compiled step holds them). Without
+rematerialisation every layer keeps all of it. With per-layer rematerialisation (checkpointing each
+decoder layer) only each layer's input (a d per token) is kept, plus the larger of one layer's full
+set (while it is recomputed) and the head (freed before the layers' backward pass); with
+model.remat_policy='save_dots' each layer also keeps its projections' outputs, a ((H + 2 Hkv) hd +
+2d + 2F) per token. program_estimates adds, for the DPO step, the FSDP gather buffers
+(fsdp_gather_bytes); the DPO step's estimate is held within 15% of the TPU compiler's figure
+(tests/test_memory_report.py, docs/scale_out.md).
 """
 from __future__ import annotations
 
@@ -88,15 +91,29 @@ def activation_bytes(cfg: LlamaConfig, sequences: int, prompt_len: int, response
   f, v = -(-cfg.intermediate_size // tensor), -(-cfg.vocab_size // tensor)
   per_layer_token = (a * (2 * d + (h + 2 * hkv) * hd + h * hd + 3 * f)
                      + 4 * (h + hkv) * hd + 8 * d + (4 + a) * h * t)
-  head = t * (a * d + (a + 4) * v) + 4 * response_len * v
+  # The head, as the compiled step holds it (checked against tools/aot.py compiles): the logits over
+  # all T positions in float32, their log-softmax and their gradient (the response slice comes after).
+  head = t * (a * d + 12 * v)
   if remat:
     kept = a * d
     if cfg.remat_policy == 'save_dots':  # q, k, v, o_proj, gate, up, down outputs.
       kept += a * ((h + 2 * hkv) * hd + 2 * d + 2 * f)
-    per_sequence = t * cfg.num_layers * kept + t * per_layer_token + head
+    # The head's buffers are freed before the layers' backward pass recomputes a layer: the peak is
+    # the larger of the two, not their sum (compiled figures: docs/scale_out.md).
+    per_sequence = t * cfg.num_layers * kept + max(t * per_layer_token, head)
   else:
     per_sequence = t * cfg.num_layers * per_layer_token + head
   return sequences * per_sequence
+
+
+def fsdp_gather_bytes(cfg: LlamaConfig, tensor: int) -> int:
+  """What the DPO step holds unsplit over fsdp at its peak: the output head's kernel (the logits are
+  pinned to the batch rows, so the vocabulary-split kernel is gathered whole) and one layer's
+  kernels, each with its gradient before the reduce-scatter, in the param dtype."""
+  p = np.dtype(cfg.param_dtype).itemsize
+  hd = cfg.resolved_head_dim
+  layer = cfg.hidden_size * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * hd + 3 * cfg.hidden_size * cfg.intermediate_size
+  return 2 * p * (cfg.hidden_size * cfg.vocab_size + layer) // tensor
 
 
 def _oracle_rows(config, sizes) -> tuple:
@@ -176,7 +193,8 @@ def program_estimates(config, report: Report) -> dict[str, int]:
   params, ref = rows['policy params'], rows['reference params']
   cache = next(v for k, v in rows.items() if k.startswith('KV caches'))
   act = rows['DPO activations, per-layer remat' if config.model.remat else 'DPO activations, no remat']
-  out = {'dpo_step': params + rows['AdamW state (mu, nu)'] + rows['gradients'] + act,
+  out = {'dpo_step': params + rows['AdamW state (mu, nu)'] + rows['gradients'] + act
+                     + fsdp_gather_bytes(LlamaConfig.from_config(config.model), report.mesh['tensor']),
          f'sample_{config.sampler.name}': params + ref + cache}
   # Evaluation decodes eval.batch_size rows with the policy alone: one cache of that many rows.
   out['eval_decode'] = params + ref + cache // 2 * config.eval.batch_size // (2 * config.dpo.batch_size)
@@ -210,7 +228,8 @@ def format_table(report: Report, config_path: str = '') -> str:
   lines.append('')
   lines.append(line('total per device, no remat', None, report.total_per_device(remat=False)))
   lines.append(line('total per device, per-layer remat', None, report.total_per_device(remat=True)))
-  lines.append('(Activations are estimates; XLA temporaries and FSDP gather buffers are not included.)')
+  lines.append('(Activations are estimates, checked against the TPU compiler for the DPO step; FSDP gather '
+               'buffers are not in this table: program_estimates adds them.)')
   return '\n'.join(lines)
 
 

@@ -50,6 +50,7 @@ class Program:
   tokens: int = 0
   model_flops: float = 0.0
   steps: int = 0  # DECODE: decode steps a full call runs (response_len - 1 in the loop, + 1 after).
+  step_bytes: float = 0.0  # DECODE: HBM bytes one decode step must read per device (decode_step_bytes).
 
   def lower(self):
     return jax.jit(self.fn, out_shardings=self.out_shardings,
@@ -179,8 +180,8 @@ def build_programs(config, mesh: Mesh, cfg: LlamaConfig, unroll_steps: int = 0,
       return placement.constrain_rows(pairs)
     programs.append(Program(
         f'sample_{name}', sample, (params, params, _prompts(mesh, b, p), key), None, kind=DECODE,
-        tokens=_decoded_rows(name, c) * r, steps=r,
-        model_flops=_sampler_flops(name, c, cfg)))
+        tokens=_decoded_rows(name, c) * r, steps=r, model_flops=_sampler_flops(name, c, cfg),
+        step_bytes=decode_step_bytes(cfg, mesh, _rows_per_model(name, c), p + r)))
 
   if want('eval_decode'):
     from pilaf_jax.evaluation.evaluate import eval_sample_batch
@@ -189,6 +190,7 @@ def build_programs(config, mesh: Mesh, cfg: LlamaConfig, unroll_steps: int = 0,
     programs.append(Program(
         'eval_decode', functools.partial(eval_sample_batch, eval_ctx, placement, run_key),
         (params, params, _prompts(mesh, e, p), key), None, kind=DECODE, tokens=e * r, steps=r,
+        step_bytes=decode_step_bytes(cfg, mesh, (e,), p + r),
         model_flops=_decode_flops(cfg, e, p, r) + forward_flops(cfg, e, p + r)))
 
   if c.oracle.reward in ('reward_model', 'judge') and want('reward_model_score'):
@@ -216,10 +218,33 @@ def build_programs(config, mesh: Mesh, cfg: LlamaConfig, unroll_steps: int = 0,
   return programs
 
 
+def decode_step_bytes(cfg: LlamaConfig, mesh: Mesh, rows_per_model: tuple[int, ...], slots: int) -> float:
+  """HBM bytes one decode step reads per device, arithmetically: each model's matmul weights in the
+  activation dtype (whole on every device under FSDP, which all-gathers them; split by tensor) and
+  its KV cache (rows split over data x fsdp, kv heads over tensor), every slot read by attention."""
+  a = np.dtype(cfg.dtype).itemsize
+  shards, tensor = mesh.shape['data'] * mesh.shape['fsdp'], mesh.shape['tensor']
+  weights = a * matmul_params(cfg) / tensor
+  kv_per_row = 2 * cfg.num_layers * slots * cfg.num_kv_heads * cfg.resolved_head_dim * a / tensor
+  return sum(weights + kv_per_row * -(-rows // shards) for rows in rows_per_model if rows)
+
+
 def _decoded_rows(name: str, c) -> int:
   """Rows a sampler decodes per call (each model's rows counted once per row)."""
   b = c.dpo.batch_size
   return {'best_of_n': c.sampler.best_of_n * b}.get(name, 2 * b)
+
+
+def _rows_per_model(name: str, c) -> tuple[int, ...]:
+  """Rows the policy and the reference each decode in a sampler call (as _sampler_flops counts them)."""
+  b = c.dpo.batch_size
+  if name == 'pilaf':
+    nvr = int(np.ceil(b * c.sampler.vanilla_fraction - 1e-9))
+    nm = b - int(np.floor(b * c.sampler.vanilla_fraction + 1e-9))
+    return (2 * nvr + 2 * nm, 2 * nm)
+  if name == 'hybrid':
+    return (b, b)
+  return (_decoded_rows(name, c),)
 
 
 def _decode_flops(cfg: LlamaConfig, rows: int, p: int, r: int) -> float:
