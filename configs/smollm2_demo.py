@@ -11,7 +11,7 @@ you can check by eye in the printed responses.
 - Prompts: ~320 short real instructions shipped with pilaf_jax (pilaf_jax/data/demo_prompts), in
   Anthropic's HH-RLHF file format, so they go through the same TFDS builder as HH-RLHF itself.
 - Oracle: a rule on the decoded reply, 'short_first_sentence' (pilaf_jax/labelling/text_rules.py):
-  r* = -(words of the first sentence) / 4, at most 20 words, and a first sentence under 3 words
+  r* = -(words of the first sentence), at most 20 words, and a first sentence under 3 words
   (the empty reply included) scores as low as a 20-word one. A reader sees it in the printed
   responses; Bradley-Terry labels from it, as from any oracle. The evaluation reports the KL to the
   reference beside the reward, so a policy that games the rule shows it there.
@@ -38,23 +38,23 @@ def get_config():
 
   c.oracle.reward = 'text_rule'
   c.oracle.text_rule = 'short_first_sentence'
-  c.oracle.reward_scale = 0.25  # 4 words shorter = 1 nat of Bradley-Terry log-odds.
+  c.oracle.reward_scale = 1.0  # r* = -words: one word shorter = 1 nat of Bradley-Terry log-odds.
   c.oracle.checkpoint = SMOLLM2_GGUF  # Used only by oracle.reward='judge'.
   c.oracle.max_len = 192
 
   c.dpo.batch_size = 8
-  c.dpo.learning_rate = 3e-5
+  c.dpo.learning_rate = 7e-5  # Few labels: a large step (5e-5 did not move in 8 steps; 1e-4 did, at a KL of 14).
   c.dpo.warmup_steps = 2
-  c.online.steps = 16
+  c.online.steps = 10  # 80 labels.
   c.iterative.prompts_per_iteration = 64
 
-  c.eval.every_steps = 4
+  c.eval.every_steps = 5
   c.eval.num_prompts = 64  # The whole held-out split.
   c.eval.batch_size = 32
   c.eval.show_responses = 4
   c.sft.batch_size = 8  # Unused (the reference is loaded), but batch sizes must split over the mesh.
 
-  c.checkpoint.every_steps = 8
+  c.checkpoint.every_steps = 10
   c.checkpoint.every_seconds = 600.0
   c.runtime.log_every_steps = 2
   return c
