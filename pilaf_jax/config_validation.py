@@ -11,7 +11,7 @@ from pilaf_jax.errors import ConfigError, one_line, require  # noqa: F401  (one_
 
 LOOPS = ('online', 'iterative')
 ROPE_SCALINGS = ('', 'llama3')
-ORACLE_REWARDS = ('task', 'reward_model', 'judge', 'human')
+ORACLE_REWARDS = ('task', 'reward_model', 'judge', 'text_rule', 'human')
 LABELLING_WORKERS = ('inline', 'external')
 # Fields that change how a run is executed or shown, not what it computes: they may differ when a
 # run is resumed. Everything else must match the workdir's saved config.

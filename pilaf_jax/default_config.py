@@ -95,11 +95,13 @@ def get_config() -> ml_collections.ConfigDict:
       label_rule='bradley_terry',  # Rewards -> label: bradley_terry (sampled) | deterministic (higher wins)
       # Where r*(x, y) comes from: 'task' (the synthetic world's hidden reward), 'reward_model' (a
       # sequence-classification checkpoint) or 'judge' (a chat model asked whether a response is good:
-      # reward = logit(Yes) - logit(No)). The last two read text, with their own tokenizer. 'human':
+      # reward = logit(Yes) - logit(No)). The last two read text, with their own tokenizer. 'text_rule':
+      # a rule on the decoded response (oracle.text_rule; pilaf_jax/labelling/text_rules.py). 'human':
       # no function oracle, people answer the labelling queue (synthetic task: its hidden reward is
       # still stored beside each pair, for agreement reports, and never used as a label).
       reward='task',
       checkpoint='',  # reward_model / judge: HF directory, .gguf file or package:<pkg>/<file>.
+      text_rule='short_first_sentence',  # text_rule: the rule (short_first_sentence: fewer words before the first full stop, floor 3).
       tokenizer='',  # '' = the oracle checkpoint's own.
       max_len=512,  # Tokens of (conversation + response) the oracle reads; longer ones keep the end.
       overlong='truncate',  # Longer inputs: 'truncate' (keep the end; counted and logged) | 'error'.
@@ -150,6 +152,7 @@ def get_config() -> ml_collections.ConfigDict:
       every_steps=50,  # Evaluate on held-out prompts every this many updates (and at the end).
       num_prompts=1024,  # Held-out prompts per evaluation (the standard errors are over these).
       batch_size=512,  # Prompts decoded at once during evaluation.
+      show_responses=0,  # Held-out responses kept in each evaluation row and printed, first and last, at the end.
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(

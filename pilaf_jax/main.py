@@ -220,7 +220,10 @@ def run(config, workdir: str) -> int:
       exp.close()
 
     if counts is not None:  # Process 0 holds the label store and writes the metrics.
-      print('\n' + format_table(paths.read_metrics(workdir)))
+      rows = paths.read_metrics(workdir)
+      print('\n' + format_table(rows))
+      if rows and 'responses' in rows[-1]:
+        print('\n' + format_responses(rows[0], rows[-1]))
       print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '
             f'Wall time {time.time() - started:.0f} s. Metrics: {paths.join(workdir, "metrics.jsonl")}')
       print(time_split, flush=True)
@@ -235,6 +238,16 @@ def format_table(rows: list[dict]) -> str:
   for r in rows:
     lines.append(f'{r["step"]:>6} {r["labels_used"]:>8} {r["reward"]:>8.3f} ± {r["reward_se"]:<5.3f} '
                  f'{r["kl"]:>8.3f} ± {r["kl_se"]:<5.3f} {r["J"]:>8.3f} ± {r["J_se"]:<5.3f}')
+  return '\n'.join(lines)
+
+
+def format_responses(first: dict, last: dict) -> str:
+  """Held-out responses of two evaluation rows (eval.show_responses), side by side per prompt."""
+  lines = []
+  for a, b in zip(first['responses'], last['responses']):
+    lines += [a['prompt'].replace('\n', ' | '),
+              f'  step {first["step"]:>4} (reward {a["reward"]:+.2f}): {a["response"]!r}',
+              f'  step {last["step"]:>4} (reward {b["reward"]:+.2f}): {b["response"]!r}']
   return '\n'.join(lines)
 
 

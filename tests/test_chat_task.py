@@ -157,6 +157,31 @@ def test_judge_scores_yes_minus_no_logits(world):
   np.testing.assert_allclose(scores, np.asarray(logits[:, -1, yes] - logits[:, -1, no]), rtol=1e-4, atol=1e-4)
 
 
+def test_text_rule_oracle_labels_evaluates_and_prints_responses(world, tmp_path, capsys):
+  """oracle.reward='text_rule' needs no oracle model: stored rewards and evaluation rewards are the
+  rule of the decoded text, and the shown held-out responses are printed at the end."""
+  from pilaf_jax.data.tokenization import ChatTokenizer
+  from pilaf_jax.labelling.text_rules import short_first_sentence
+  config = _config(world, **{'oracle.reward': 'text_rule', 'oracle.checkpoint': '', 'oracle.reward_scale': 0.5,
+                             'eval.show_responses': 3})
+  assert _run(config, tmp_path / 'run') == 0, capsys.readouterr().err
+  out = capsys.readouterr().out
+  rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+  assert [len(r['responses']) for r in rows] == [3, 3]
+  for row in rows:
+    for shown in row['responses']:
+      assert shown['reward'] == 0.5 * short_first_sentence(shown['response'])
+      assert shown['prompt'].startswith('user: ')
+      assert repr(shown['response']) in out
+  tokenizer = ChatTokenizer(world['policy'], extra_eos_ids=(EOS_ID,))
+  db = sqlite3.connect(str(tmp_path / 'run' / 'labels.sqlite'))
+  stored = db.execute('SELECT response_a, mask_a, oracle_reward_a FROM pairs').fetchall()
+  responses = np.stack([np.frombuffer(r[0], np.int32) for r in stored])
+  masks = np.stack([np.frombuffer(r[1], np.bool_) for r in stored])
+  texts = tokenizer.decode_responses(responses, masks)
+  np.testing.assert_array_equal([r[2] for r in stored], [0.5 * short_first_sentence(t) for t in texts])
+
+
 @pytest.mark.parametrize('case', ['no_chat_template', 'no_dataset', 'reference_vocab', 'missing_weights',
                                   'overlong_prompt', 'not_a_reward_model', 'no_checkpoint'])
 def test_bad_input_stops_with_one_line(world, tmp_path, capsys, case):

@@ -44,6 +44,7 @@ class Evaluator:
   num_batches: int
   beta: float
   placement: Placement
+  show_responses: int = 0  # The first this many held-out (prompt, response, reward) go into the row.
 
   def __post_init__(self):
     self._sample_batch = jax.jit(
@@ -51,11 +52,15 @@ class Evaluator:
         in_shardings=(self.placement.params, self.placement.params, None, self.placement.replicated))
 
   def __call__(self, policy_params, ref_params) -> dict:
-    rewards, kls, lengths = [], [], []
+    rewards, kls, lengths, shown = [], [], [], []
     for i in range(self.num_batches):
       prompts = self.prompt_fn(i)
       tokens, mask, kl = to_host(self._sample_batch(policy_params, ref_params, prompts, self.placement.scalar(i)))
-      rewards.append(self.task.rewards(EVAL, to_host(prompts), tokens, mask))
+      prompts = to_host(prompts)
+      rewards.append(self.task.rewards(EVAL, prompts, tokens, mask))
+      for j in range(min(self.show_responses - len(shown), len(tokens))):
+        shown.append({'prompt': self.task.describe(EVAL, int(prompts.ids[j])),
+                      'response': self.task.render_response(tokens[j], mask[j]), 'reward': float(rewards[-1][j])})
       kls.append(kl)
       lengths.append(mask.sum(-1))
     rewards, kls, lengths = (np.concatenate(x).astype(np.float64) for x in (rewards, kls, lengths))
@@ -63,4 +68,4 @@ class Evaluator:
     j_per_prompt = rewards - self.beta * kls
     return {'reward': float(rewards.mean()), 'reward_se': se(rewards), 'kl': float(kls.mean()),
             'kl_se': se(kls), 'J': float(j_per_prompt.mean()), 'J_se': se(j_per_prompt),
-            'response_len': float(lengths.mean())}
+            'response_len': float(lengths.mean()), **({'responses': shown} if shown else {})}

@@ -88,7 +88,7 @@ class Models:
     self.evaluator = Evaluator(
         eval_ctx, self.task, lambda i: self.prompts(i, c.eval.batch_size, EVAL),
         jax.random.fold_in(self.run_key, EVAL_STREAM), c.eval.num_prompts // c.eval.batch_size, c.beta,
-        placement)
+        placement, show_responses=c.eval.get('show_responses', 0))
 
   def key(self, stream: int, index) -> jax.Array:
     """The run's key of `index` in `stream` (streams.py)."""

@@ -147,6 +147,10 @@ def build_chat_task(config, run_key, placement, workdir: str) -> ChatTask:
   if c.eval.num_prompts > len(sources[EVAL]):
     raise ConfigError(f'eval.num_prompts={c.eval.num_prompts} exceeds the {len(sources[EVAL])} prompts of '
                       'the held-out split; lower it (and eval.batch_size to divide it).')
-  oracle = make_text_oracle(c.oracle, placement.mesh)
+  if c.oracle.reward == 'text_rule':
+    from pilaf_jax.labelling.text_rules import make_text_rule_oracle
+    oracle = make_text_rule_oracle(c.oracle)
+  else:
+    oracle = make_text_oracle(c.oracle, placement.mesh)
   return ChatTask(tokenizer, sources, oracle, prompt_len=c.task.prompt_len, response_len=c.task.response_len,
                   model_vocab_size=c.model.vocab_size, seed=c.seed)

@@ -17,9 +17,15 @@ def check_config(c) -> None:
   require(t.overlong_prompts in ('truncate', 'error'),
           f"task.chat.overlong_prompts={t.overlong_prompts!r}; allowed: 'truncate', 'error'.")
   require(c.oracle.reward != 'human', "oracle.reward='human' is not available for task.name='chat' yet: "
-          "its evaluation scores responses with the oracle, so it needs 'reward_model' or 'judge'.")
-  require(c.oracle.reward in ('reward_model', 'judge'),
-          f"oracle.reward={c.oracle.reward!r}: a chat task needs 'reward_model' or 'judge' (with oracle.checkpoint).")
+          "its evaluation scores responses with the oracle, so it needs 'reward_model', 'judge' or 'text_rule'.")
+  require(c.oracle.reward in ('reward_model', 'judge', 'text_rule'),
+          f"oracle.reward={c.oracle.reward!r}: a chat task needs 'reward_model' or 'judge' (with oracle.checkpoint), "
+          "or 'text_rule' (with oracle.text_rule).")
+  if c.oracle.reward == 'text_rule':
+    from pilaf_jax.labelling.text_rules import TEXT_RULES  # Plain Python: no model libraries.
+    require(c.oracle.text_rule in TEXT_RULES,
+            f'oracle.text_rule={c.oracle.text_rule!r} is unknown; allowed: {sorted(TEXT_RULES)}.')
+    return
   require(bool(c.oracle.checkpoint), f'oracle.reward={c.oracle.reward!r} needs oracle.checkpoint.')
   require(c.oracle.max_len >= 2, f'oracle.max_len={c.oracle.max_len} must be >= 2.')
   require(c.oracle.overlong in ('truncate', 'error'), f"oracle.overlong={c.oracle.overlong!r}; allowed: 'truncate', 'error'.")
