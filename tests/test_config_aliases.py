@@ -52,7 +52,9 @@ def test_a_workdir_of_0_2_0_matches_the_same_config_and_names_a_difference_by_it
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   config = _tiny()
   workdir_config.check_workdir(config, str(tmp_path))  # Resumable: nothing differs.
-  assert config_validation.fingerprint(config) == saved['fingerprint']
+  now, defaults = config_validation.fingerprint(config), config_validation.fingerprint(default_config.get_config())
+  assert {k: now[k] for k in saved['fingerprint']} == saved['fingerprint']  # Same names, same values;
+  assert all(now[k] == defaults[k] for k in set(now) - set(saved['fingerprint']))  # added fields at defaults.
   config.task.synthetic.world_seed = 99
   with pytest.raises(config_validation.ConfigError, match=r'task\.synthetic\.world_seed: 1234 -> 99'):
     workdir_config.check_workdir(config, str(tmp_path))
