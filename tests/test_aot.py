@@ -24,15 +24,15 @@ def pod_config():
   return module.get_config()
 
 
-def narrow_pod_config():
+def narrow_pod_config(vocab: int = 2048, ffn: int = 768, length: int = 64):
   """The pod config's structure (FSDP mesh, remat, bf16 activations over fp32 params, a bf16 reward
   model, PILAF) at a width and length that compile in seconds."""
   c = pod_config()
-  c.model.update(vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4,
+  c.model.update(vocab_size=vocab, hidden_size=256, intermediate_size=ffn, num_layers=2, num_heads=4,
                  num_kv_heads=2)
-  c.task.vocab_size = 2048
-  c.task.prompt_len, c.task.response_len = 64, 64
-  c.oracle.max_len = 128
+  c.task.vocab_size = vocab
+  c.task.prompt_len, c.task.response_len = length, length
+  c.oracle.max_len = 2 * length
   return c
 
 
@@ -65,7 +65,7 @@ def test_a_replicated_parameter_is_reported():
   from pilaf_jax.parallel import partitioning
   with mock.patch('pilaf_jax.parallel.placement.param_shardings',
                   lambda params, mesh: partitioning.param_shardings(params, mesh, ((r'.*', P()),))):
-    results, _, _ = aot.analyse(narrow_pod_config(), 'v5e:2x2', only={'dpo_step'}, cost=False,
+    results, _, _ = aot.analyse(narrow_pod_config(1024, 512, 16), 'v5e:2x2', only={'dpo_step'}, cost=False,
                                 min_replicated_bytes=4096, log=lambda m: None)
   assert any('embed_tokens' in path for path in results[0].replicated)
 
