@@ -133,7 +133,8 @@ def tiny_pair():
 # With --dist=loadfile a test file is the unit of scheduling, so the file that starts last bounds
 # the wall time: the longest files go first (pyproject.toml turns off xdist's reordering). Ordered by
 # each file's seconds summed from --durations=0 on 2 cores; a file not listed keeps its place after these.
-SLOWEST_FILES = ('test_resume.py', 'test_notebooks.py', 'test_sharded_equivalence.py', 'test_multiprocess_run.py',
+SLOWEST_FILES = ('test_resume.py', 'test_notebooks.py', 'test_faults.py', 'test_aot.py', 'test_sharded_equivalence.py',
+                 'test_multiprocess_run.py',
                  'test_samplers.py', 'test_study.py', 'test_library_api.py', 'test_theory.py',
                  'test_object_store.py', 'test_scan_layers.py', 'test_pilaf_coin.py', 'test_gguf.py',
                  'test_cost_accounting.py', 'test_chat_task.py', 'test_sampling.py', 'test_cli.py',
