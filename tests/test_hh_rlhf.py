@@ -1,12 +1,15 @@
 """The HH-RLHF TFDS builder on a small fixture in the real layout, read back through grain."""
 import gzip
+import importlib.util
 import json
 
 import pytest
 
-# Optional dependencies (the `hf` extras): the rest of the suite runs without them.
-grain = pytest.importorskip('grain')
-tfds = pytest.importorskip('tensorflow_datasets')
+# Optional dependencies (the `hf` extras): the rest of the suite runs without them. Looked up, not
+# imported: the tests that read through them import them (collecting the suite stays a second shorter).
+for _name in ('grain', 'tensorflow_datasets'):
+  if importlib.util.find_spec(_name) is None:
+    pytest.skip(f'could not import {_name!r}', allow_module_level=True)
 
 from pilaf_jax.data import hh_rlhf  # noqa: E402
 from pilaf_jax.data.prompts import HHRLHFPrompts, JsonlPrompts, PromptSource, demo_prompts  # noqa: E402
@@ -79,6 +82,8 @@ def data_dir(tmp_path_factory):
 
 def read_split(data_dir, config, split):
   """{id: decoded example} through tfds.data_source and a grain MapDataset."""
+  import grain  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   source = tfds.data_source(f'hh_rlhf/{config}', data_dir=str(data_dir))[split]
   dataset = grain.MapDataset.source(source).map(hh_rlhf.decode_example)
   examples = [dataset[i] for i in range(len(dataset))]

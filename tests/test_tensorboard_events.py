@@ -7,9 +7,20 @@ import sys
 
 import google_crc32c
 import numpy as np
-from tensorboardX.proto import event_pb2
+import pytest
 
 from pilaf_jax import tensorboard_events
+
+# tensorboardX's protos (and protobuf) are imported for this file's tests only, not when the suite is
+# collected.
+event_pb2 = None
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _event_protos():
+  global event_pb2
+  from tensorboardX.proto import event_pb2  # pylint: disable=redefined-outer-name,import-outside-toplevel
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
