@@ -29,6 +29,7 @@ def test_each_prompt_is_vanilla_with_probability_fraction(ctx, batch, fraction):
   prompts = prompts.replace(ids=np.arange(100, 100 + batch, dtype=np.int32))
   vanilla = np.zeros(batch)
   draws = jax.vmap(sample, in_axes=(None, None, None, 0))(pp, rp, prompts, jax.random.split(jax.random.key(0), DRAWS))
+  draws = jax.device_get(draws)  # One copy to numpy: indexing device arrays draw by draw dispatches per leaf.
   for d in range(DRAWS):
     pairs = jax.tree.map(lambda x: np.asarray(x[d]), draws)
     source, ids = pairs.source, pairs.prompts.ids
