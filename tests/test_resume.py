@@ -101,12 +101,15 @@ def iterative_reference(root, env, reuse_reference):
 
 def kill_and_resume(workdir, env, name, overrides, kills, loop='online') -> list[kr.Launch]:
   """One launch per kill condition, each SIGKILLed as soon as its condition holds (or left to finish
-  if the run ends first), then one more launch that must finish the run."""
+  if the run ends first), then one more launch that must finish the run. A kill given as
+  (condition, signal.SIGTERM) sends SIGTERM instead: the run saves and exits 0."""
   launches = []
-  for i, condition in enumerate(kills):
-    result = launch(workdir, env, f'{name}_{i}', overrides, kill_when=condition, loop=loop, chunks=CHUNKS)
+  for i, kill in enumerate(kills):
+    condition, sig = kill if isinstance(kill, tuple) else (kill, signal.SIGKILL)
+    result = launch(workdir, env, f'{name}_{i}', overrides, kill_when=condition, sig=sig, loop=loop,
+                    chunks=CHUNKS)
     if result.killed:
-      assert result.rc == -signal.SIGKILL, result.log[-4000:]
+      assert result.rc == (0 if sig == signal.SIGTERM else -sig), result.log[-4000:]
     else:
       assert_finished(workdir, result)
     print(f'{name} kill {i + 1}: {result.phase}')
@@ -137,17 +140,26 @@ def assert_same_run(reference_dir, workdir, launches, labelled_pairs):
   return largest
 
 
-def test_online_run_killed_and_resumed_matches_uninterrupted(root, env, online_reference, reuse_reference):
+@pytest.fixture(scope='module')
+def online_killed(root, env, reuse_reference):
+  """One online run interrupted four times, then resumed to its end: SIGKILLed, SIGTERMed (for
+  test_sigterm_saves_exits_zero_and_resumes: one run serves both tests, two launches fewer), SIGKILLed
+  twice more."""
   workdir = root / 'online_killed'
   delay = random.Random(0).uniform(1.0, 8.0)  # Seconds after launch: anywhere from startup onwards.
   kills = [
       # Right after the 3rd batch is enqueued: usually before its labels are committed (labelling).
       lambda s, t: s.queries >= 3,
+      (lambda s, t: s.batches >= 5, signal.SIGTERM),  # Mid-run: it saves and exits 0.
       _saving_at_or_after(4 * CKPT_EVERY, 6 * CKPT_EVERY),  # While an async checkpoint is written.
       lambda s, t: t >= delay,
   ]
-  launches = kill_and_resume(workdir, env, 'online_killed', reuse_reference, kills)
-  assert all(r.killed for r in launches[:2]), [r.phase for r in launches]
+  return workdir, kill_and_resume(workdir, env, 'online_killed', reuse_reference, kills)
+
+
+def test_online_run_killed_and_resumed_matches_uninterrupted(online_killed, online_reference):
+  workdir, launches = online_killed
+  assert all(r.killed for r in launches[:3]), [r.phase for r in launches]
   assert_same_run(online_reference, workdir, launches, ONLINE_STEPS * BATCH)
   assert max(kr.read_state(str(workdir)).checkpoints) == ONLINE_STEPS
 
@@ -255,10 +267,11 @@ def test_iterative_run_killed_and_resumed_matches_uninterrupted(root, env, itera
   assert max(kr.read_state(str(workdir)).checkpoints) == ITERATIVE_STEPS
 
 
-def test_sigterm_saves_exits_zero_and_resumes(root, env, online_reference, reuse_reference):
-  workdir = root / 'sigterm'
-  first = launch(workdir, env, 'sigterm_0', reuse_reference, kill_when=lambda s, t: s.batches >= 5,
-                 sig=signal.SIGTERM)
+def test_sigterm_saves_exits_zero_and_resumes(online_killed, online_reference):
+  """The second launch of the online_killed run: SIGTERMed once 5 batches are labelled; the next launch
+  resumes from the step it saved (and the run ends as the uninterrupted one)."""
+  workdir, launches = online_killed
+  first, resumed = launches[1], launches[2]
   assert first.killed
   assert first.rc == 0, first.log[-4000:]
   match = re.search(r'SIGTERM: saved step (\d+)', first.log)
@@ -267,8 +280,6 @@ def test_sigterm_saves_exits_zero_and_resumes(root, env, online_reference, reuse
   assert 5 <= step < ONLINE_STEPS
   # The checkpoint was finished before exiting, and is the newest.
   assert max(first.after.checkpoints) == step and not first.after.saving
-  resumed = launch(workdir, env, 'sigterm_1', reuse_reference)
-  assert_finished(workdir, resumed)
   assert f'Resuming the online loop at step {step} ' in resumed.log
   assert_same_run(online_reference, workdir, [first], ONLINE_STEPS * BATCH)
 
