@@ -222,6 +222,9 @@ def run(config, workdir: str) -> int:
     if counts is not None:  # Process 0 holds the label store and writes the metrics.
       rows = paths.read_metrics(workdir)
       print('\n' + format_table(rows))
+      if len(rows) > 1:
+        from pilaf_jax.evaluation.gains import format_gains
+        print(format_gains(rows[0], rows[-1]))
       if rows and 'responses' in rows[-1]:
         print('\n' + format_responses(rows[0], rows[-1]))
       print(f'\nLabels: {counts["labelled_pairs"]} pairs labelled, {counts["queried_twice"]} queried twice. '

@@ -60,7 +60,12 @@ def _final_summary(workdir: str) -> str:
   if not rows:
     return ''
   r = rows[-1]
-  return f'J {r["J"]:.3f} ± {r["J_se"]:.3f} (reward {r["reward"]:.3f}, KL {r["kl"]:.3f}) at step {r["step"]}'
+  summary = f'J {r["J"]:.3f} ± {r["J_se"]:.3f} (reward {r["reward"]:.3f}, KL {r["kl"]:.3f}) at step {r["step"]}'
+  if len(rows) > 1:
+    from pilaf_jax.evaluation.gains import gain  # The package imports jax; the study process need not.
+    g = gain(rows[0], r, 'reward')
+    summary += f'; reward gain from step {g.first_step} {g.delta:+.3f} ± {g.se:.3f} ({g.z:.1f} SE)'
+  return summary
 
 
 def _format_seconds(s: float) -> str:

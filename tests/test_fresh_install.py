@@ -83,6 +83,7 @@ def test_real_model_install_runs_the_demo(tmp_path):
   proc, _ = _run(main + [f'--workdir={tmp_path / "run"}'] + TINY_RUN, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Labels: 2 pairs labelled' in proc.stdout, proc.stdout[-3000:]
+  assert 'Step 0 -> 1: reward' in proc.stdout and 'paired over 2 prompts' in proc.stdout  # The gain lines.
   print(proc.stdout[-1500:])
 
 

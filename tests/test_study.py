@@ -111,6 +111,12 @@ def test_study_runs_resumes_after_a_kill_and_reports(tmp_path):
     assert os.path.getsize(path) > 1000 and f'plots/{name}' in text
   metrics = study.read_metrics(runs['base/hybrid/seed1'].workdir)
   assert metrics[-1]['ref_decode_tokens_executed'] > 0  # The compute axis has what ran.
+  for row in metrics:  # Per-prompt values, in prompt order, that average to the row's figures.
+    for key in ('reward', 'kl'):
+      assert len(row['per_prompt'][key]) == 16
+      assert np.mean(row['per_prompt'][key]) == pytest.approx(row[key], abs=1e-4)
+  assert '| base/hybrid/seed1 | 0-4 |' in text and '| yes |' in text  # The per-run paired gains.
+  assert 'reward gain from step 0' in out.stdout
 
 
 def test_seeds_sweeps_and_plans(tmp_path):

@@ -194,6 +194,7 @@ def setting_report(setting: str, runs: list[dict], spec: dict, workdir: str, *, 
   if unfinished:
     lines += ['Not finished (left out of the tables): ' + ', '.join(
         f'{r["name"]} ({r["state"]})' for r in unfinished), '']
+  lines += run_gain_table(done)
   lines += ['<details><summary>Every run: final reward, KL, J (± standard error over evaluation prompts)'
             '</summary>', '', '| run | step | labels | reward | KL | J |', '|---|---|---|---|---|---|']
   for r in done:
@@ -202,6 +203,25 @@ def setting_report(setting: str, runs: list[dict], spec: dict, workdir: str, *, 
                  f'| {f["kl"]:.3f} ± {f["kl_se"]:.3f} | {f["J"]:.3f} ± {f["J_se"]:.3f} |')
   lines += ['', '</details>', '']
   return lines
+
+
+def run_gain_table(runs: list[dict]) -> list[str]:
+  """Markdown lines: each run's held-out reward from its first evaluation to its last, the gain with
+  its paired standard error over prompts (evaluation.gains), and the final KL."""
+  from pilaf_jax.evaluation.gains import gain  # The package imports jax; report readers need not.
+  lines = ['Each run, first evaluation to last: held-out reward (± SE over prompts), the gain ± its '
+           'paired SE (per-prompt differences; unpaired for rows without per-prompt values), and KL:', '',
+           '| run | steps | reward, first | reward, last | gain ± SE | gain / SE | paired | KL, last |',
+           '|---|---|---|---|---|---|---|---|']
+  for r in runs:
+    if len(r['rows']) < 2:
+      continue
+    first, last = r['rows'][0], r['rows'][-1]
+    g = gain(first, last, 'reward')
+    lines.append(f'| {r["name"]} | {g.first_step}-{g.last_step} | {g.first:.2f} ± {first["reward_se"]:.2f} '
+                 f'| {g.last:.2f} ± {last["reward_se"]:.2f} | {g.delta:+.2f} ± {g.se:.2f} | {g.z:.1f} '
+                 f'| {"yes" if g.paired_se is not None else "no"} | {last["kl"]:.2f} ± {last["kl_se"]:.2f} |')
+  return lines + ['']
 
 
 def write_report(workdir: str, *, threshold_fraction: float = 0.9, threshold: Optional[float] = None,

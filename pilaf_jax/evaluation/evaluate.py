@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pilaf_jax.batches import PromptBatch
+from pilaf_jax.evaluation.gains import per_prompt_values
 from pilaf_jax.parallel.placement import Placement, to_host
 from pilaf_jax.sampling.decode import RowLayout
 from pilaf_jax.sampling.samplers import SamplerContext
@@ -68,4 +69,6 @@ class Evaluator:
     j_per_prompt = rewards - self.beta * kls
     return {'reward': float(rewards.mean()), 'reward_se': se(rewards), 'kl': float(kls.mean()),
             'kl_se': se(kls), 'J': float(j_per_prompt.mean()), 'J_se': se(j_per_prompt),
-            'response_len': float(lengths.mean()), **({'responses': shown} if shown else {})}
+            'response_len': float(lengths.mean()), **({'responses': shown} if shown else {}),
+            # In prompt order (the same at every evaluation): gains.gain pairs two rows prompt by prompt.
+            'per_prompt': {'reward': per_prompt_values(rewards), 'kl': per_prompt_values(kls)}}
