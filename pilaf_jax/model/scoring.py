@@ -62,10 +62,13 @@ def response_logprobs(model: Llama, params, prompt_tokens: jax.Array, prompt_mas
                       constrain_rows: Optional[Callable[[Any], Any]] = None) -> jax.Array:
   """Per-token log pi(y_t | x, y_<t) of every response token, [B, R]; 0 where response_mask is 0.
 
-  constrain_rows: pins the [B, T, V] logits (and so their gradient) to the batch axes of a mesh,
-  so that XLA never materialises them whole on one chip (see dpo_step).
+  constrain_rows: pins the [B, T, V] logits (and so their gradient), and every layer's activations
+  (Llama.constrain), to the batch axes of a mesh, so that XLA never materialises them whole on one
+  chip (see dpo_step).
   """
   tokens, positions, valid = sequence_inputs(prompt_tokens, prompt_mask, response_tokens, response_mask)
+  if constrain_rows is not None:
+    model = model.clone(constrain=constrain_rows)
   logits, _ = model.apply({'params': compute_params(params, model.cfg)}, tokens, positions, valid)
   if constrain_rows is not None:
     logits = constrain_rows(logits)
