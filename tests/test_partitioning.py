@@ -507,3 +507,39 @@ if __name__ == '__main__':
     multihost_worker()
   else:
     raise SystemExit(f'unknown check {sys.argv[1]}')
+
+
+@pytest.mark.parametrize('policy', ['save_dots', ''])
+def test_save_dots_pins_layer_activations_to_the_rows(policy):
+  """Under save_dots the scanned layers' inputs and projection outputs go through constrain_rows
+  (what that policy keeps must stay split over the rows on a mesh); values are unchanged."""
+  import dataclasses
+  from pilaf_jax.model.llama import Llama, init_params, stack_layer_params
+  from pilaf_jax.model.scoring import response_logprobs
+  cfg = dataclasses.replace(tiny_cfg(vocab_size=100), remat=True, remat_policy=policy, scan_layers=True)
+  params = stack_layer_params(init_params(dataclasses.replace(cfg, scan_layers=False), jax.random.key(0)))
+  prompts = jnp.array([[0, 3, 4], [5, 6, 7]], jnp.int32)
+  responses = jnp.array([[8, 9], [10, 11]], jnp.int32)
+  ones = lambda x: jnp.ones_like(x, bool)
+  shapes = []
+
+  def pin(x):
+    shapes.append(jax.tree.map(lambda a: a.shape, x))
+    return x
+  model = Llama(cfg)
+  plain = response_logprobs(model, params, prompts, ones(prompts), responses, ones(responses))
+  pinned = response_logprobs(model, params, prompts, ones(prompts), responses, ones(responses), constrain_rows=pin)
+  np.testing.assert_array_equal(np.asarray(plain), np.asarray(pinned))
+  import collections
+  widths = collections.Counter(s[2] for s in shapes if isinstance(s, tuple) and len(s) == 3
+                               and s[:2] == (2, 5) and s[2] != cfg.vocab_size)
+  assert [s for s in shapes if s == (2, 5, cfg.vocab_size)] == [(2, 5, cfg.vocab_size)]  # The logits, once.
+  if policy == 'save_dots':
+    # The scanned layer body (traced once or more): its input and its 7 projections, [rows, tokens, .].
+    d, hd = cfg.hidden_size, cfg.resolved_head_dim
+    body = collections.Counter([d, cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd, d,
+                                cfg.intermediate_size, cfg.intermediate_size, d])
+    traces = widths[cfg.intermediate_size] // 2
+    assert traces >= 1 and widths == collections.Counter({k: traces * v for k, v in body.items()}), shapes
+  else:  # Full remat: only the logits are pinned, as before.
+    assert not widths, shapes

@@ -63,9 +63,14 @@ def response_logprobs(model: Llama, params, prompt_tokens: jax.Array, prompt_mas
   """Per-token log pi(y_t | x, y_<t) of every response token, [B, R]; 0 where response_mask is 0.
 
   constrain_rows: pins the [B, T, V] logits (and so their gradient) to the batch axes of a mesh,
-  so that XLA never materialises them whole on one chip (see dpo_step).
+  so that XLA never materialises them whole on one chip (see dpo_step); with
+  model.remat_policy='save_dots' also every layer's input and projection outputs (Llama.constrain),
+  the values that policy keeps for the backward pass.
   """
   tokens, positions, valid = sequence_inputs(prompt_tokens, prompt_mask, response_tokens, response_mask)
+  if constrain_rows is not None and model.cfg.remat and model.cfg.remat_policy == 'save_dots':
+    # Measured only there (docs/scale_out.md); full remat keeps its compiled layout as it was.
+    model = model.clone(constrain=constrain_rows)
   logits, _ = model.apply({'params': compute_params(params, model.cfg)}, tokens, positions, valid)
   if constrain_rows is not None:
     logits = constrain_rows(logits)

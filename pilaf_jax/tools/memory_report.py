@@ -26,8 +26,9 @@ the float32 logits, their log-softmax and their gradient, as the compiled step h
 rematerialisation every layer keeps all of it. With per-layer rematerialisation (checkpointing each
 decoder layer) only each layer's input (a d per token) is kept, plus the larger of one layer's full
 set (while it is recomputed) and the head (freed before the layers' backward pass); with
-model.remat_policy='save_dots' each layer also keeps its projections' outputs, a ((H + 2 Hkv) hd +
-2d + 2F) per token. program_estimates adds, for the DPO step, the FSDP gather buffers
+model.remat_policy='save_dots' each layer also keeps the projection outputs its backward pass reads,
+a ((H + 2 Hkv) hd + 2F) per token: q, k, v and gate, up (o_proj's and down_proj's outputs are only
+added to the residual stream, whose gradient does not need them, so XLA drops them). program_estimates adds, for the DPO step, the FSDP gather buffers
 (fsdp_gather_bytes); the DPO step's estimate is held within 15% of the TPU compiler's figure
 (tests/test_memory_report.py, docs/scale_out.md).
 """
@@ -96,8 +97,8 @@ def activation_bytes(cfg: LlamaConfig, sequences: int, prompt_len: int, response
   head = t * (a * d + 12 * v)
   if remat:
     kept = a * d
-    if cfg.remat_policy == 'save_dots':  # q, k, v, o_proj, gate, up, down outputs.
-      kept += a * ((h + 2 * hkv) * hd + 2 * d + 2 * f)
+    if cfg.remat_policy == 'save_dots':  # q, k, v, gate, up outputs (what the backward reads).
+      kept += a * ((h + 2 * hkv) * hd + 2 * f)
     # The head's buffers are freed before the layers' backward pass recomputes a layer: the peak is
     # the larger of the two, not their sum (compiled figures: docs/scale_out.md).
     per_sequence = t * cfg.num_layers * kept + max(t * per_layer_token, head)
