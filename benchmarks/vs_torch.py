@@ -111,6 +111,7 @@ from pilaf_jax.model.hf import save_hf_checkpoint  # noqa: E402
 from pilaf_jax.model.llama import Llama, LlamaConfig, init_params  # noqa: E402
 from pilaf_jax.model.scoring import response_logprobs  # noqa: E402
 from pilaf_jax.parallel import batch_sharding, make_mesh, replicated  # noqa: E402
+from pilaf_jax.parallel.partitioning import param_shardings  # noqa: E402
 from pilaf_jax.sampling.decode import DecodeSettings, RowLayout, decode  # noqa: E402
 from pilaf_jax.sampling.uncached import decode_uncached  # noqa: E402
 
@@ -369,6 +370,10 @@ def main():
   parser.add_argument('--jax-devices', default='',
                       help='jax sides: rows split over a data mesh of this many CPU devices each '
                            '(default 1,2 with two or more cores)')
+  parser.add_argument('--jax-split', default='rows', choices=('rows', 'weights'),
+                      help="jax sides with several devices: 'rows' splits the batch over a data mesh "
+                           "(params replicated); 'weights' splits every matrix over a tensor mesh "
+                           "(the partition rules), so each device reads 1/N of the weights per step")
   args = parser.parse_args()
   only = [f for f in args.only.split(',') if f]
   args.jax_devices = _JAX_DEVICES
@@ -445,13 +450,19 @@ def main():
   settings = DecodeSettings(max_new_tokens=r, eos_ids=-1, unroll_layers=args.unroll_layers)
   results = {}
   sides = [f'jax x{n}' if n > 1 else 'jax' for n in args.jax_devices]
-  meshes = {side: make_mesh(dict(data=n, fsdp=1, tensor=1), jax.devices()[:n])
-            for side, n in zip(sides, args.jax_devices)}
+  split = (lambda n: dict(data=1, fsdp=1, tensor=n)) if args.jax_split == 'weights' else (
+      lambda n: dict(data=n, fsdp=1, tensor=1))
+  meshes = {side: make_mesh(split(n), jax.devices()[:n]) for side, n in zip(sides, args.jax_devices)}
 
   def place(side, params_tree, *rows):
-    """Params replicated, batch rows split over the side's 'data' axis."""
+    """Batch rows split over the side's 'data' axis; params replicated, or with --jax-split=weights
+    split over its 'tensor' axis by the partition rules (rows then stay whole)."""
     mesh = meshes[side]
-    placed = [jax.device_put(params_tree, replicated(mesh))]
+    if args.jax_split == 'weights':
+      placed = [jax.tree.map(lambda t: jax.device_put(t, param_shardings(t, mesh)), params_tree,
+                             is_leaf=lambda t: isinstance(t, dict) and 'embed_tokens' in t)]
+    else:
+      placed = [jax.device_put(params_tree, replicated(mesh))]
     placed += [jax.device_put(x, jax.tree.map(lambda a: batch_sharding(mesh, a.ndim), x)) for x in rows]
     return placed
 
@@ -501,9 +512,14 @@ def main():
       fns[side] = functools.partial(lambda c, *xs: c(*xs).tokens.block_until_ready(),
                                     c, pol, ref, prompts, coef, key)
       tokens[side] = np.asarray(fns[side]())
-    # Splitting rows over devices must not change what is sampled (same key, same tokens).
-    if any(not np.array_equal(tokens[sides[0]], tokens[s]) for s in sides):
+    # Splitting rows over devices must not change what is sampled (same key, same tokens). Split
+    # weights sum partial products in another order, so a near-tie may flip: counted, not fatal.
+    differ = {s: int((tokens[sides[0]] != tokens[s]).sum()) for s in sides[1:]}
+    if args.jax_split == 'rows' and any(differ.values()):
       sys.exit(f'({fig}) the jax sides sampled different tokens from the same key')
+    if any(differ.values()):
+      print(f'  ({fig}) tokens differing from one device (split weights, float rounding): {differ} '
+            f'of {tokens[sides[0]].size}', flush=True)
     return fns
 
   key = jax.random.key(args.seed + 2)
