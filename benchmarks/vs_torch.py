@@ -50,6 +50,12 @@ transformers the same way; policy and reference are that model (the mixture's co
 the weights). --torch-threads=1,2 times torch at each thread count as its own side of the alternation;
 each jax side's ratio is then taken against torch at as many threads as it has devices.
 
+--jax-split=weights splits every matrix of the multi-device jax sides over a 'tensor' mesh instead
+(the project's partition rules: q/k/v/gate/up by columns, o/down by rows, the head by vocabulary), so
+each device reads 1/N of the weights per decode step, as torch's threads each read part of every
+matrix; the DPO step still splits rows. Partial sums then add in another order, so a near-tie may
+sample another token: such tokens are counted and printed.
+
 Memory bandwidth: a decode step reads every matmul weight of every model it runs (and the KV cache
 so far), so a step's bytes over its time, against the machine's read bandwidth measured in the same
 run (the best of a numpy sum and a torch sum over --bandwidth-mb MB), is how close decoding comes to
@@ -371,9 +377,10 @@ def main():
                       help='jax sides: rows split over a data mesh of this many CPU devices each '
                            '(default 1,2 with two or more cores)')
   parser.add_argument('--jax-split', default='rows', choices=('rows', 'weights'),
-                      help="jax sides with several devices: 'rows' splits the batch over a data mesh "
+                      help="decoding on several jax devices: 'rows' splits the batch over a data mesh "
                            "(params replicated); 'weights' splits every matrix over a tensor mesh "
-                           "(the partition rules), so each device reads 1/N of the weights per step")
+                           "(the partition rules), so each device reads 1/N of the weights per step. "
+                           "The DPO step always splits rows")
   args = parser.parse_args()
   only = [f for f in args.only.split(',') if f]
   args.jax_devices = _JAX_DEVICES
@@ -450,15 +457,15 @@ def main():
   settings = DecodeSettings(max_new_tokens=r, eos_ids=-1, unroll_layers=args.unroll_layers)
   results = {}
   sides = [f'jax x{n}' if n > 1 else 'jax' for n in args.jax_devices]
-  split = (lambda n: dict(data=1, fsdp=1, tensor=n)) if args.jax_split == 'weights' else (
-      lambda n: dict(data=n, fsdp=1, tensor=1))
-  meshes = {side: make_mesh(split(n), jax.devices()[:n]) for side, n in zip(sides, args.jax_devices)}
+  mesh_axes = {'rows': lambda n: dict(data=n, fsdp=1, tensor=1), 'weights': lambda n: dict(data=1, fsdp=1, tensor=n)}
+  meshes = {(side, split): make_mesh(axes(n), jax.devices()[:n])
+            for side, n in zip(sides, args.jax_devices) for split, axes in mesh_axes.items()}
 
-  def place(side, params_tree, *rows):
-    """Batch rows split over the side's 'data' axis; params replicated, or with --jax-split=weights
-    split over its 'tensor' axis by the partition rules (rows then stay whole)."""
-    mesh = meshes[side]
-    if args.jax_split == 'weights':
+  def place(side, split, params_tree, *rows):
+    """split 'rows': batch rows over the side's 'data' axis, params replicated; 'weights': every
+    matrix over its 'tensor' axis by the partition rules, rows whole."""
+    mesh = meshes[side, split]
+    if split == 'weights':
       placed = [jax.tree.map(lambda t: jax.device_put(t, param_shardings(t, mesh)), params_tree,
                              is_leaf=lambda t: isinstance(t, dict) and 'embed_tokens' in t)]
     else:
@@ -505,7 +512,7 @@ def main():
     """One compiled decode per side, its inputs placed on the side's mesh."""
     fns, tokens = {}, {}
     for side in sides:
-      (pol, ref), prompts, coef = place(side, (policy_params, ref_params),
+      (pol, ref), prompts, coef = place(side, args.jax_split, (policy_params, ref_params),
                                         PromptBatch(jnp.asarray(prompt_np), jnp.ones((b, p), bool)),
                                         jnp.full((coef_rows,), args.coef, jnp.float32))
       c = compiled(fig, jax.jit(fn), pol, ref, prompts, coef, key)
@@ -547,7 +554,7 @@ def main():
     fns = {}
     for name in sides:
       (policy_copy, ref), dpo_prompts, ch, rj = place(
-          name, (jax.tree.map(jnp.copy, policy_params), ref_params),
+          name, 'rows', (jax.tree.map(jnp.copy, policy_params), ref_params),
           PromptBatch(jnp.asarray(prompt_np[:n]), jnp.ones((n, p), bool)), jnp.asarray(chosen),
           jnp.asarray(rejected))
       holder = {'state': init_train_state(policy_copy, tx)}
