@@ -89,6 +89,10 @@ def get_config() -> ml_collections.ConfigDict:
       top_k=0,  # Sample among the k most likely tokens only (0 = off).
       top_p=1.0,  # Nucleus sampling: the smallest set of tokens holding this much mass (1.0 = off).
       max_enumerated_responses=4096,  # t_pilaf only: largest response set it will enumerate.
+      # Decode a scanned model (model.scan_layers) with its layers unrolled, over per-layer weights.
+      # Faster on CPU, where a layer scan copies each layer's weights before use at every token;
+      # the decode programs compile num_layers layer bodies instead of one. Same tokens.
+      unroll_layers=False,
   ))
 
   c.oracle = ml_collections.ConfigDict(dict(

@@ -129,3 +129,27 @@ def test_hf_checkpoint_round_trip_in_the_scanned_layout(params, tmp_path):
   assert _max_diff(loaded, stacked) == 0.0
   cfg, loaded = load_hf_checkpoint(str(tmp_path / 'scan'))
   assert not cfg.scan_layers and _max_diff(loaded, flat) == 0.0
+
+
+def test_unroll_layers_decodes_a_scanned_model_as_the_unrolled_one(params):
+  """sampler.unroll_layers: a scanned model decoded over per-layer slices of its stack runs the
+  unrolled program, so it gives the unrolled model's tokens and log-probs, bit for bit."""
+  flat, stacked = params
+  prompts = PromptBatch(jax.random.randint(jax.random.key(5), (3, 4), 0, CFG.vocab_size),
+                        jnp.ones((3, 4), bool))
+  layout = RowLayout(policy_only=1, mixed=1, ref_only=1)
+  ref_flat = jax.tree.map(lambda x: x * 1.5, flat)
+  run = jax.jit(lambda cfg, s, p, r: decode(Llama(cfg), Llama(cfg), p, r, prompts, jnp.asarray([1.1]),
+                                            jax.random.key(6), layout=layout, settings=s),
+                static_argnums=(0, 1))
+  plain = DecodeSettings(max_new_tokens=5, eos_ids=-1)
+  unrolled = run(CFG, plain, flat, ref_flat)
+  per_layer = run(SCAN, dataclasses.replace(plain, unroll_layers=True), stacked, stack_layer_params(ref_flat))
+  for field in ('tokens', 'mask', 'policy_logprobs', 'ref_logprobs', 'sampling_logprobs'):
+    np.testing.assert_array_equal(getattr(per_layer, field), getattr(unrolled, field), err_msg=field)
+  # And it does unroll: as many loops as the unrolled model's program, fewer than the scanned one's
+  # (which also loops over layers in the prefill and in each step).
+  loops = lambda cfg, s, *p: run.lower(cfg, s, *p).as_text().count('stablehlo.while')
+  scanned_params = (stacked, stack_layer_params(ref_flat))
+  assert loops(SCAN, dataclasses.replace(plain, unroll_layers=True), *scanned_params) == loops(CFG, plain, flat, ref_flat)
+  assert loops(SCAN, plain, *scanned_params) > loops(CFG, plain, flat, ref_flat)

@@ -11,7 +11,7 @@ lax.while_loop: no host round-trip per token, static shapes, early exit once eve
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import flax
 import jax
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pilaf_jax.batches import PromptBatch
-from pilaf_jax.model.llama import KVCache, Llama, compute_params
+from pilaf_jax.model.llama import KVCache, Llama, compute_params, unstack_layer_params
 from pilaf_jax.model.scoring import masked_log_softmax, pick_tokens
 from pilaf_jax.sampling.mixing import filter_logits, mix_logits, sample_tokens
 
@@ -57,6 +57,11 @@ class DecodeSettings:
   # Cost analysis only (tools/aot.py): > 0 runs exactly this many decode steps, unrolled, without
   # the while loop or its early exit (XLA's cost analysis counts a loop body once). 0: the loop.
   unroll_steps: int = 0
+  # Models with scanned layers (model.scan_layers) decode with their layers unrolled over per-layer
+  # weights, sliced once per call. Under a layer scan XLA:CPU copies each layer's weights out of
+  # the stack before its matmuls, at every step: decoding, which reads every weight per token,
+  # then moves them three times. Same tokens; compiles the layer num_layers times.
+  unroll_layers: bool = False
 
   def __post_init__(self):
     if not self.temperature >= 0:
@@ -108,6 +113,13 @@ def layout_logprobs(layout: RowLayout, lp_pol: Optional[jax.Array], lp_ref: Opti
   return jnp.concatenate(parts, axis=0)
 
 
+def per_layer(model: Llama, params) -> tuple[Llama, Any]:
+  """(model, params) with the layers unrolled: a scanned model's stack sliced into layers_0 ... ."""
+  if not model.cfg.scan_layers:
+    return model, params
+  return Llama(dataclasses.replace(model.cfg, scan_layers=False)), unstack_layer_params(params)
+
+
 def _prefill(model: Llama, params, prompts: PromptBatch, positions, slots: int):
   cache = KVCache.zeros(model.cfg, prompts.size, slots)
   logits, cache = model.apply({'params': params}, prompts.tokens, positions, prompts.mask, cache)
@@ -144,6 +156,9 @@ def decode(policy: Llama, ref: Llama, policy_params, ref_params, prompts: Prompt
   n, p = prompts.tokens.shape
   if n != layout.total:
     raise ValueError(f'{n} prompt rows for a layout of {layout.total}.')
+  if settings.unroll_layers:
+    policy, policy_params = per_layer(policy, policy_params)
+    ref, ref_params = per_layer(ref, ref_params)
   # Every step reads every weight: in the activation dtype, once (same values; half the bytes for
   # float32 master weights under bfloat16 activations).
   policy_params, ref_params = compute_params(policy_params, policy.cfg), compute_params(ref_params, ref.cfg)
