@@ -117,7 +117,7 @@ def per_layer(model: Llama, params) -> tuple[Llama, Any]:
   """(model, params) with the layers unrolled: a scanned model's stack sliced into layers_0 ... ."""
   if not model.cfg.scan_layers:
     return model, params
-  return Llama(dataclasses.replace(model.cfg, scan_layers=False)), unstack_layer_params(params)
+  return model.clone(cfg=dataclasses.replace(model.cfg, scan_layers=False)), unstack_layer_params(params)
 
 
 def _prefill(model: Llama, params, prompts: PromptBatch, positions, slots: int):
