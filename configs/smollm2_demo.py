@@ -45,7 +45,7 @@ def get_config():
   c.dpo.batch_size = 8
   c.dpo.learning_rate = 7e-5  # Few labels: a large step (5e-5 did not move in 8 steps; 1e-4 did, at a KL of 14).
   c.dpo.warmup_steps = 2
-  c.online.steps = 10  # 80 labels.
+  c.online.steps = 15  # 120 labels; about 12 minutes on 2 cores (docs/real_model_demo.md).
   c.iterative.prompts_per_iteration = 64
 
   c.eval.every_steps = 5
@@ -54,7 +54,7 @@ def get_config():
   c.eval.show_responses = 4
   c.sft.batch_size = 8  # Unused (the reference is loaded), but batch sizes must split over the mesh.
 
-  c.checkpoint.every_steps = 10
+  c.checkpoint.every_steps = 5
   c.checkpoint.every_seconds = 600.0
   c.runtime.log_every_steps = 2
   return c
