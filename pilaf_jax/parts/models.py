@@ -67,10 +67,8 @@ class Models:
     self.placement = placement = Placement(self.mesh, self.model.cfg)
     self.task = make_task(c, self.run_key, placement, workdir)
     self.prompt_sharding = PromptBatch(*(batch_sharding(self.mesh, ndim) for ndim in (2, 2, 1)))
-    settings = DecodeSettings(max_new_tokens=self.task.response_len, eos_ids=self.task.eos_ids,
-                              pad_id=self.task.pad_id, temperature=c.sampler.temperature,
-                              top_k=c.sampler.top_k, top_p=c.sampler.top_p,
-                              unroll_layers=c.sampler.unroll_layers)
+    settings = DecodeSettings.from_sampler_config(c.sampler, max_new_tokens=self.task.response_len,
+                                                  eos_ids=self.task.eos_ids, pad_id=self.task.pad_id)
     self.sampler_ctx = SamplerContext(
         policy=self.model, ref=self.model, settings=settings, beta=c.beta,
         allowed_tokens=self.task.allowed_tokens, vanilla_fraction=c.sampler.vanilla_fraction,

@@ -71,6 +71,14 @@ class DecodeSettings:
       raise ValueError('DecodeSettings needs at least one stop token (eos_ids).')
     object.__setattr__(self, 'eos_ids', tuple(int(i) for i in ids))
 
+  @classmethod
+  def from_sampler_config(cls, sampler, *, max_new_tokens: int, eos_ids, pad_id: int,
+                          unroll_steps: int = 0) -> 'DecodeSettings':
+    """The settings a run decodes with, from config.sampler (the run and tools/programs.py alike)."""
+    return cls(max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+               temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p,
+               unroll_steps=unroll_steps, unroll_layers=sampler.unroll_layers)
+
   @property
   def eos_id(self) -> int:
     return self.eos_ids[0]

@@ -28,8 +28,8 @@ decoder layer) only each layer's input (a d per token) is kept, plus the larger 
 set (while it is recomputed) and the head (freed before the layers' backward pass); with
 model.remat_policy='save_dots' each layer also keeps the projection outputs its backward pass reads,
 a ((H + 2 Hkv) hd + 2F) per token: q, k, v and gate, up (o_proj's and down_proj's outputs are only
-added to the residual stream, whose gradient does not need them, so XLA drops them). program_estimates adds, for the DPO step, the FSDP gather buffers
-(fsdp_gather_bytes); the DPO step's estimate is held within 15% of the TPU compiler's figure
+added to the residual stream, whose gradient does not need them, so XLA drops them).
+program_estimates adds, for the DPO step, the FSDP gather buffers (fsdp_gather_bytes); the DPO step's estimate is held within 15% of the TPU compiler's figure
 (tests/test_memory_report.py, docs/scale_out.md).
 """
 from __future__ import annotations

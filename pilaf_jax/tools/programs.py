@@ -162,8 +162,8 @@ def build_programs(config, mesh: Mesh, cfg: LlamaConfig, unroll_steps: int = 0,
         model_flops=3 * forward_flops(cfg, 2 * b, p + r)))
 
   eos_ids, pad_id = eos_and_pad(c)
-  settings = DecodeSettings(max_new_tokens=r, eos_ids=eos_ids, pad_id=pad_id, temperature=c.sampler.temperature,
-                            top_k=c.sampler.top_k, top_p=c.sampler.top_p, unroll_steps=unroll_steps)
+  settings = DecodeSettings.from_sampler_config(c.sampler, max_new_tokens=r, eos_ids=eos_ids, pad_id=pad_id,
+                                                unroll_steps=unroll_steps)
   ctx = SamplerContext(policy=model, ref=model, settings=settings, beta=c.beta, allowed_tokens=allowed_np,
                        vanilla_fraction=c.sampler.vanilla_fraction, best_of_n=c.sampler.best_of_n,
                        max_enumerated_responses=c.sampler.max_enumerated_responses)
